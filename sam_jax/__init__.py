@@ -2,6 +2,18 @@
 Gauss-Newton / NME structure of the Hessian, as pure JAX functions and optax
 transforms."""
 
+from sam_jax import activations, data, models, regularizers
+from sam_jax.curvature import (
+  dense_matrix,
+  gauss_newton_matrix,
+  gnvp,
+  hessian_matrix,
+  hvp,
+  logit_hessian_vp,
+  mean_over_batches,
+  nme_matrix,
+  nmevp,
+)
 from sam_jax.objective import (
   Batch,
   Objective,
@@ -9,6 +21,7 @@ from sam_jax.objective import (
   mse,
   softmax_cross_entropy,
 )
+from sam_jax.regularizers import penalized_loss, regularized_gradient
 from sam_jax.sam import (
   VARIANTS,
   SamState,
@@ -17,6 +30,14 @@ from sam_jax.sam import (
   global_norm,
   sam,
   sam_gradient,
+)
+from sam_jax.spectral import (
+  SpectralDensity,
+  hutchinson_trace,
+  hutchpp_trace,
+  lanczos,
+  power_iteration,
+  spectral_density,
 )
 
 __version__ = "0.1.0"
