@@ -12,8 +12,8 @@ so the perturbed layer is
 i.e. the clean layer plus a correction built from the clean pass's inputs
 `a_i` and output cotangents `delta_i`. For Dense on [B, D], `G_i` is rank
 one and the correction is `c_i delta_i ((a'_i . a_i) + 1)`: almost free.
-For convolutions, `G_i` is formed from patches (`lax.conv_general_dilated_
-patches`) at the cost of one more convolution. Gradients w.r.t. `W` of the
+For convolutions, `G_i` is formed from patches (strided slices of the
+input) at the cost of one more convolution. Gradients w.r.t. `W` of the
 perturbed pass are exactly those at `W + eps_i` because the correction is
 held constant. `flax.linen.intercept_methods` injects all of this into any
 model made of `nn.Dense`/`nn.Conv` without changing the model; `plan`
@@ -22,6 +22,7 @@ anything else: other parametrised layers, shared layers, grouped or
 circular convolutions, or non-flax models.
 """
 
+import itertools
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
@@ -112,10 +113,41 @@ def plan(apply_fn: Any, params: Params, x: jax.Array) -> Optional[tuple]:
   return tuple(layers) if names == covered else None
 
 
+def _conv_patches(a: jax.Array, conv: dict) -> jax.Array:
+  """Patches [B, *out, K*C] of a channels-last input, by strided slicing.
+
+  `lax.conv_general_dilated_patches` is a convolution with a one-hot kernel,
+  C*K times the cost of the layer itself; slicing only moves data. The
+  feature order (kernel offset major) differs from the kernel's, which does
+  not matter: patches are only ever contracted with per-example gradients
+  built from patches.
+  """
+  if any(d != 1 for d in conv["lhs_dilation"]):
+    return jax.lax.conv_general_dilated_patches(a, **conv)
+  k, s, d = conv["filter_shape"], conv["window_strides"], conv["rhs_dilation"]
+  spatial = a.shape[1:-1]
+  eff = tuple((ki - 1) * di + 1 for ki, di in zip(k, d))
+  pads = conv["padding"]
+  if isinstance(pads, str):
+    pads = jax.lax.padtype_to_pads(spatial, eff, s, pads)
+  a = jnp.pad(a, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
+  out = [(n - e) // si + 1 for n, e, si in zip(a.shape[1:-1], eff, s)]
+  slices = []
+  for offset in itertools.product(*(range(ki) for ki in k)):
+    start = [0] + [o * di for o, di in zip(offset, d)] + [0]
+    limit = (
+      [a.shape[0]]
+      + [st + (n - 1) * si + 1 for st, n, si in zip(start[1:], out, s)]
+      + [a.shape[-1]]
+    )
+    slices.append(jax.lax.slice(a, start, limit, [1, *s, 1]))
+  return jnp.concatenate(slices, axis=-1)
+
+
 def _patches(layer: Layer, a: jax.Array) -> jax.Array:
-  """Layer input as [B, P, F] so that the layer is `patches @ K`."""
+  """Layer input as [B, P, F] so that the layer is `patches @ K'`."""
   if layer.conv is not None:
-    a = jax.lax.conv_general_dilated_patches(a, **layer.conv)
+    a = _conv_patches(a, layer.conv)
   return a.reshape(a.shape[0], -1, a.shape[-1])
 
 

@@ -1,0 +1,1 @@
+"""Training scripts and configs that reproduce the papers (see README)."""

@@ -1,0 +1,119 @@
+r"""MNIST-1D with 30% symmetric label noise: SGD vs SAM and its variants.
+
+Reproduces the study of Baek et al. (ICLR 2024; PAPERS.md A1-A6) at CPU
+scale: a small 1-D CNN on MNIST-1D (generated offline), trained with each
+method at the same shared hyperparameters; only a method's own rho / lambda
+differ, chosen on a validation split carved from the (noisy) training set.
+
+One method (the config argument is a label of `METHODS`):
+
+  python -m experiments.main \
+    --config=experiments/configs/label_noise_mnist1d.py:1-sam \
+    --workdir=runs/label_noise/1-sam
+
+  Overrides: --config.rho=0.02 --config.num_seeds=1 --config.num_epochs=20
+
+All methods, their table and plots (the main job):
+
+  python -m experiments.label_noise --workdir=runs/label_noise
+
+Re-tune each method's rho / lambda on the validation split (never on the
+test set); it prints the chosen values to copy into `METHODS` below:
+
+  python -m experiments.label_noise --tune --workdir=runs/label_noise_tune
+
+Expected runtime and result: see README ("Label noise on MNIST-1D"), which
+holds the measured table; both are filled in from measured runs only.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# Each label's method and its own hyperparameters. The rho / lambda values
+# are the ones `--tune` chose on the validation split (see module docstring).
+METHODS = {
+  "sgd": dict(method="sgd"),
+  "sam": dict(method="sam", rho=0.05),
+  "1-sam": dict(method="sam", rho=0.01, group_size=1),
+  "l-sam": dict(method="l-sam", rho=0.01, group_size=1),
+  "j-sam": dict(method="j-sam", rho=0.01, group_size=1),
+  "sgd+reg": dict(method="sgd+reg", lambda_w=1e-3, lambda_a=1e-3),
+}
+
+# The candidates `--tune` tries for each label: each is a dict of fields.
+_RHO = lambda *rhos: tuple({"rho": r} for r in rhos)
+TUNE_GRID = {
+  "sgd": ({},),  # Nothing to tune: its validation score, for reference.
+  "sam": _RHO(0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+  "1-sam": _RHO(0.005, 0.01, 0.02, 0.05),
+  "l-sam": _RHO(0.005, 0.01, 0.02, 0.05),
+  "j-sam": _RHO(0.005, 0.01, 0.02, 0.05),
+  "sgd+reg": tuple(
+    {"lambda_w": lw, "lambda_a": la}
+    for lw in (1e-3, 1e-2, 1e-1)
+    for la in (1e-3, 1e-2)
+  ),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The shared config, with the method of label `arg` (default "sgd")."""
+  label = arg or "sgd"
+  if label not in METHODS:
+    raise ValueError(f"unknown method label {label!r}; valid: {list(METHODS)}")
+  config = ml_collections.ConfigDict()
+  config.label = label
+
+  # Method (sam_jax.methods): its own hyperparameters come from METHODS.
+  config.method = "sgd"
+  config.rho = 0.0  # SAM radius.
+  config.group_size = config_dict.placeholder(int)  # None: n-SAM; 1: 1-SAM.
+  config.adaptive = False  # ASAM perturbation.
+  config.lambda_w = 0.0  # sgd+reg: lambda_w ||head kernel||^2.
+  config.lambda_a = 0.0  # sgd+reg: lambda_a mean_i ||features_i||^2.
+  # Penalties of sam_jax.regularizers (not used by this study's METHODS).
+  config.sigma = 0.0  # weight-noise, hessian-trace, gn-trace.
+  config.num_probes = 1  # hessian-trace, gn-trace.
+  config.estimator = "jvp"  # gn-trace.
+  config.squared = False  # gradient penalties: ||g||^2 instead of ||g||.
+
+  # Data: MNIST-1D generated offline, symmetric label noise on the train set.
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "mnist1d"
+  config.data.num_samples = 5000  # Train + test.
+  config.data.test_fraction = 0.2
+  config.data.seed = 42  # Generation seed: the dataset itself.
+  config.data.noise_rate = 0.3
+  config.data.noise_kind = "symmetric"
+  config.data.val_fraction = 0.0  # > 0: evaluate on a validation split.
+
+  # Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "cnn1d"
+  config.model.channels = (32, 32, 32)  # cnn1d.
+  config.model.kernel_size = 5  # cnn1d.
+  config.model.dense = (64,)  # cnn1d dense layers; mlp hidden widths.
+  config.model.activation = "relu"
+  config.model.beta = 1.0  # beta-gelu and relu-synthetic-nme.
+
+  # Optimisation, shared by all methods.
+  config.optimizer = "sgd"  # Momentum SGD.
+  config.learning_rate = 0.05
+  config.momentum = 0.9
+  config.weight_decay = 0.0
+  config.schedule = "constant"  # Or "cosine".
+  config.batch_size = 128
+  config.num_epochs = 60
+
+  # Seeds: seed i uses config.seed + i for init, batch order and noise.
+  config.seed = 0
+  config.num_seeds = 3
+
+  # Evaluation, checkpoints and logging.
+  config.eval_every_epochs = 1
+  config.eval_batch_size = 1024
+  config.checkpoint_every_epochs = 10
+  config.progress = True
+
+  config.update(METHODS[label])
+  return config

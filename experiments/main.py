@@ -1,0 +1,35 @@
+r"""Trains one config: `python -m experiments.main --config=... --workdir=...`.
+
+  python -m experiments.main \
+    --config=experiments/configs/label_noise_mnist1d.py:1-sam \
+    --workdir=runs/label_noise/1-sam --config.rho=0.02
+
+Rerunning with the same workdir resumes from its latest checkpoint.
+"""
+
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sam_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Training config file (ml_collections).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  keys = [k for k in summary if k != "config"]
+  print(json.dumps({k: summary[k] for k in keys}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

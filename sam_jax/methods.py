@@ -1,0 +1,212 @@
+"""Training methods as gradient functions, selected by name from a config.
+
+A method turns a model and its loss into one gradient function
+
+  grad_fn(params, batch, key) -> (loss, grads)
+
+where `loss` is the clean mean data loss at `params` (what is logged, for
+every method) and `grads` the direction handed to the optimizer. The trainer
+(`sam_jax.train`) has one step for all of them; a method is a config value.
+
+  sgd       grads of L(w)
+  sam       SAM (PAPERS.md A1): n-SAM (`group_size` None), m-SAM, 1-SAM
+            (`group_size` 1); `adaptive` for ASAM. Radius `rho`.
+  l-sam     logit-only SAM `J(w)^T r(w+eps)` (A2), any `group_size`.
+  j-sam     Jacobian-only SAM `J(w+eps)^T r(w)` (A2), any `group_size`.
+  sgd+reg   the cheap alternative of A5:
+            L + lambda_w ||V_head||^2 + lambda_a mean_i ||phi(x_i)||^2.
+  gradient-penalty, gn-gradient-penalty, weight-noise, hessian-trace,
+  gn-trace  the penalties of B3-B4 (`sam_jax.regularizers`), reading the
+            config fields of `REGULARIZER_FIELDS`.
+
+More methods plug in by name with `register`; the factory reads its own
+hyperparameters from the config and may validate them.
+"""
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+
+from sam_jax import models, regularizers
+from sam_jax.objective import Batch, Objective, Params
+from sam_jax.sam import sam_gradient
+
+Array = jax.Array
+GradFn = Callable[[Params, Batch, Array], tuple[Array, Params]]
+LossFn = Callable[[Array, Array], Array]
+Factory = Callable[[Any, nn.Module, LossFn], GradFn]
+
+
+class Method(NamedTuple):
+  """A registered method: its gradient-function factory and its checks.
+
+  `make(config, model, loss_fn) -> grad_fn`; `validate(config)` raises
+  ValueError naming the offending `config.<field>` (or is None).
+  """
+
+  make: Factory
+  validate: Optional[Callable[[Any], None]]
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(
+  name: str, *, validate: Optional[Callable[[Any], None]] = None
+) -> Callable[[Factory], Factory]:
+  """Decorator registering `factory(config, model, loss_fn) -> grad_fn`."""
+
+  def deco(factory: Factory) -> Factory:
+    if name in _REGISTRY:
+      raise ValueError(f"method {name!r} is already registered")
+    _REGISTRY[name] = Method(factory, validate)
+    return factory
+
+  return deco
+
+
+def names() -> tuple[str, ...]:
+  """The registered method names."""
+  return tuple(_REGISTRY)
+
+
+def validate(config: Any) -> None:
+  """Checks `config.method` and that method's own fields.
+
+  Raises:
+    ValueError: naming the field, for an unknown method or a bad value.
+  """
+  if config.method not in _REGISTRY:
+    raise ValueError(
+      f"config.method: unknown method {config.method!r}; valid: {names()}"
+    )
+  check = _REGISTRY[config.method].validate
+  if check is not None:
+    check(config)
+
+
+def make_grad_fn(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
+  """The gradient function of `config.method` for `model` and `loss_fn`."""
+  validate(config)
+  return _REGISTRY[config.method].make(config, model, loss_fn)
+
+
+def _nonneg(config: Any, field: str) -> None:
+  value = config[field]
+  if not isinstance(value, (int, float)) or not (
+    math.isfinite(value) and value >= 0
+  ):
+    raise ValueError(
+      f"config.{field} must be a finite number >= 0, got {value}"
+    )
+
+
+def _check_sam(config: Any) -> None:
+  _nonneg(config, "rho")
+  g = config.group_size
+  if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+    raise ValueError(f"config.group_size must be None or an int >= 1, got {g}")
+  if g is not None and config.batch_size % g:
+    raise ValueError(
+      f"config.group_size={g} must divide config.batch_size={config.batch_size}"
+    )
+
+
+@register("sgd")
+def _sgd(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
+  del config
+  obj = models.make_objective(model, loss_fn)
+
+  def grad_fn(params: Params, batch: Batch, key: Array):
+    del key
+    return jax.value_and_grad(obj.loss)(params, batch)
+
+  return grad_fn
+
+
+def _sam_factory(variant: str) -> Factory:
+  def factory(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
+    obj: Objective = models.make_objective(model, loss_fn)
+    rho, group_size, adaptive = config.rho, config.group_size, config.adaptive
+
+    def grad_fn(params: Params, batch: Batch, key: Array):
+      del key
+      return sam_gradient(
+        obj,
+        params,
+        batch,
+        rho,
+        variant=variant,
+        group_size=group_size,
+        adaptive=adaptive,
+      )
+
+    return grad_fn
+
+  return factory
+
+
+register("sam", validate=_check_sam)(_sam_factory("sam"))
+register("l-sam", validate=_check_sam)(_sam_factory("logit"))
+register("j-sam", validate=_check_sam)(_sam_factory("jacobian"))
+
+
+# Regularisers of sam_jax.regularizers (A5, B3, B4), each a method by its
+# own name; the config fields each one reads (missing optional ones take the
+# regulariser's default).
+REGULARIZER_FIELDS = {
+  "sgd+reg": ("lambda_w", "lambda_a"),
+  "gradient-penalty": ("rho", "squared"),
+  "gn-gradient-penalty": ("rho", "squared"),
+  "weight-noise": ("sigma",),
+  "hessian-trace": ("sigma", "num_probes"),
+  "gn-trace": ("sigma", "num_probes", "estimator"),
+}
+_REQUIRED_FIELDS = ("rho", "sigma")
+
+
+def _check_regularizer(name: str) -> Callable[[Any], None]:
+  def check(config: Any) -> None:
+    for field in REGULARIZER_FIELDS[name]:
+      if field not in config:
+        if field in _REQUIRED_FIELDS:
+          raise ValueError(f"config.{field} is required by method {name!r}")
+        continue
+      value = config[field]
+      if field == "num_probes" and not (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1
+      ):
+        raise ValueError(f"config.num_probes must be an int >= 1, got {value}")
+      elif field == "squared" and not isinstance(value, bool):
+        raise ValueError(f"config.squared must be a bool, got {value!r}")
+      elif field == "estimator" and not isinstance(value, str):
+        # The value itself is checked by sam_jax.regularizers.gn_trace.
+        raise ValueError(f"config.estimator must be a str, got {value!r}")
+      elif field not in ("num_probes", "squared", "estimator"):
+        _nonneg(config, field)
+
+  return check
+
+
+def _regularizer_factory(name: str) -> Factory:
+  def factory(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
+    obj = models.make_objective(model, loss_fn)
+    hparams = {f: config[f] for f in REGULARIZER_FIELDS[name] if f in config}
+    features_fn = models.features_fn(model)
+
+    def grad_fn(params: Params, batch: Batch, key: Array):
+      return regularizers.regularized_gradient(
+        name, obj, params, batch, key, features_fn=features_fn, **hparams
+      )
+
+    return grad_fn
+
+  return factory
+
+
+for _name in REGULARIZER_FIELDS:
+  register(_name, validate=_check_regularizer(_name))(
+    _regularizer_factory(_name)
+  )

@@ -1,0 +1,431 @@
+"""The trainer: one pure step for every method, several seeds as one program.
+
+  state, metrics = train_step(state, batch, key)     # pure, any method
+
+`make_train_step` builds the step from a config: the method (`sgd`, `sam`,
+`l-sam`, `j-sam`, `sgd+reg`, ... see `sam_jax.methods`) gives the gradient,
+momentum SGD (+ weight decay, optional cosine schedule) applies it. The step
+key is `fold_in(key, state.step)`.
+
+`train_and_evaluate(config, workdir)` runs the label-noise study on MNIST-1D:
+`config.num_seeds` seeds train as one vmapped program (params, optimizer
+state, keys and noisy labels stacked on a leading seed axis): the vmapped
+step is jitted once with donated state and dispatched step by step; batches
+are gathered on device from a per-seed permutation per epoch. Seed i uses the
+integer `config.seed + i` for its init, batch order, step keys and label
+noise.
+
+Workdir layout:
+
+  config.json      the config (a rerun must match it, see `_IGNORED`)
+  metrics.jsonl    one JSON line per evaluated epoch per seed: epoch, step,
+                   seed, train_loss (mean step loss of the epoch, noisy
+                   labels) and the quantities of `sam_jax.metrics`
+  checkpoints/     orbax checkpoints of the stacked state, named by epoch,
+                   every `checkpoint_every_epochs` and at the end
+  summary.json     `sam_jax.metrics.summarize` + status and config
+
+A rerun with the same workdir resumes from the latest checkpoint and gives
+the same result as an uninterrupted run. A non-finite loss, gradient or
+parameter stops training with a FloatingPointError naming the step, epoch
+and seed; checkpoints are only written from finite states.
+"""
+
+import functools
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from sam_jax import data, methods, metrics, models
+from sam_jax.objective import Batch, Params, softmax_cross_entropy
+from sam_jax.sam import global_norm
+from sam_jax.train_config import activation, validate_config
+
+Array = jax.Array
+ConfigDict = ml_collections.ConfigDict
+# Config fields that do not change the result: a rerun may change them.
+_IGNORED = ("progress", "checkpoint_every_epochs")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Step count, parameters and optimizer state (one seed, or stacked)."""
+
+  step: Array  # int32 [] (or [S])
+  params: Params
+  opt_state: optax.OptState
+
+
+def make_optimizer(config: ConfigDict, steps_per_epoch: int):
+  """Momentum SGD with coupled weight decay and an optional cosine decay."""
+  lr = config.learning_rate
+  if config.schedule == "cosine":
+    lr = optax.cosine_decay_schedule(lr, config.num_epochs * steps_per_epoch)
+  momentum = config.momentum or None
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay),
+    optax.sgd(lr, momentum=momentum),
+  )
+
+
+def make_model(config: ConfigDict, num_classes: int):
+  """The flax model of `config.model` (`cnn1d` or `mlp`)."""
+  m = config.model
+  act = activation(config)
+  if m.name == "cnn1d":
+    return models.CNN1D(
+      channels=tuple(m.channels),
+      kernel_size=m.kernel_size,
+      dense=tuple(m.dense),
+      num_classes=num_classes,
+      activation=act,
+    )
+  if m.name == "mlp":
+    return models.MLP(
+      features=tuple(m.dense), num_classes=num_classes, activation=act
+    )
+  raise ValueError(f"config.model.name: unknown model {m.name!r}")
+
+
+def make_train_step(
+  config: ConfigDict,
+  model,
+  tx: optax.GradientTransformation,
+  loss_fn: Callable[[Array, Array], Array] = softmax_cross_entropy,
+) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
+  """`train_step(state, batch, key) -> (state, {"loss", "grad_norm"})`.
+
+  Pure (jit and vmap it); `loss` is the clean data loss before the update.
+  """
+  grad_fn = methods.make_grad_fn(config, model, loss_fn)
+
+  def train_step(state: TrainState, batch: Batch, key: Array):
+    key = jax.random.fold_in(key, state.step)
+    loss, grads = grad_fn(state.params, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, {"loss": loss, "grad_norm": global_norm(grads)}
+
+  return train_step
+
+
+# Jitted with the (hashable) model static, so that runs of the same model in
+# one process compile it once: flax's initialisers take seconds to compile.
+_init_params = jax.jit(models.init_params, static_argnums=0)
+
+
+def init_states(model, tx, keys_S: Array, x_sample: Array) -> TrainState:
+  """Stacked initial states; seed s initialises from `fold_in(keys_S[s], 0)`.
+
+  One compiled init run S times, then stacked: on CPU, compiling the
+  vmapped init is several times slower than this.
+  """
+  params = [
+    _init_params(model, jax.random.fold_in(k, 0), x_sample) for k in keys_S
+  ]
+  params = jax.tree.map(lambda *a: jnp.stack(a), *params)
+  steps = jnp.zeros((keys_S.shape[0],), jnp.int32)
+  return TrainState(steps, params, jax.vmap(tx.init)(params))
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_fn(model, chunk: int, split: str):
+  evaluate = metrics.make_evaluate(
+    models.features_fn(model), softmax_cross_entropy, chunk, split
+  )
+  return jax.jit(
+    jax.vmap(evaluate, in_axes=(0, (None, 0, None, 0), (None, 0, None)))
+  )
+
+
+def make_seeds_step(train_step):
+  """`step(states, keys_S, x_N, labels_SxN, idx_SxTxB, t) -> (states, out)`.
+
+  `train_step` vmapped over seeds; seed s trains on the batch
+  `idx_SxTxB[s, t]` of the shared inputs `x_N` with its own labels, and
+  step keys from `fold_in(keys_S[s], 2)`.
+  """
+
+  def one_seed(state, key, x_N, labels_N, idx_TxB, t):
+    batch = data.take_batch((x_N, labels_N), idx_TxB[t])
+    return train_step(state, batch, jax.random.fold_in(key, 2))
+
+  return jax.vmap(one_seed, in_axes=(0, 0, None, 0, 0, None))
+
+
+def epoch_batches(
+  keys_S: Array, num_examples: int, batch_size: int, epoch: Array
+) -> Array:
+  """Each seed's batches for `epoch`: idx [S, T, B] from
+  `fold_in(fold_in(key, 1), epoch)`."""
+
+  def one_seed(key):
+    order_key = jax.random.fold_in(jax.random.fold_in(key, 1), epoch)
+    return data.epoch_permutation_batches(order_key, num_examples, batch_size)
+
+  return jax.vmap(one_seed)(keys_S)
+
+
+def _all_finite(params: Params) -> Array:
+  return jnp.all(
+    jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+  )
+
+
+# Module level, so that runs in one process share their compilations.
+_batches_fn = jax.jit(epoch_batches, static_argnums=(1, 2))
+_finite_fn = jax.jit(jax.vmap(_all_finite))
+
+
+def make_epoch_fn(train_step, num_examples: int, batch_size: int):
+  """`epoch_fn(states, keys_S, x_N, labels_SxN, epoch) -> (states, out)`.
+
+  One epoch for all seeds: a Python loop over the jitted, vmapped step with
+  donated state (XLA:CPU runs a `lax.scan` of this step ~20x slower than
+  the same steps dispatched one by one). `out` holds per-step `loss` and
+  `grad_norm` [S, T] and `params_finite` [S] as NumPy arrays; the host waits
+  once per epoch.
+  """
+  step_fn = jax.jit(make_seeds_step(train_step), donate_argnums=0)
+  steps = num_examples // batch_size
+
+  def epoch_fn(states, keys_S, x_N, labels_SxN, epoch):
+    idx_SxTxB = _batches_fn(keys_S, num_examples, batch_size, epoch)
+    outs = []
+    for t in range(steps):
+      states, out = step_fn(states, keys_S, x_N, labels_SxN, idx_SxTxB, t)
+      outs.append(out)
+    out = {k: np.stack([np.asarray(o[k]) for o in outs], 1) for k in outs[0]}
+    out["params_finite"] = np.asarray(_finite_fn(states.params))
+    return states, out
+
+  return epoch_fn
+
+
+class NoisyData(flax.struct.PyTreeNode):
+  """Training set with per-seed noisy labels, and the evaluation split."""
+
+  x_train: Array  # [N, L]
+  labels: Array  # int32 [S, N], the (noisy) labels trained on
+  true_labels: Array  # int32 [N]
+  noisy: Array  # bool [S, N], noise mask
+  x_eval: Array  # [M, L]
+  eval_labels: Array  # int32 [S, M] (noisy for a val split)
+  eval_true_labels: Array  # int32 [M]
+  split: str = flax.struct.field(pytree_node=False, default="test")
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist1d(num_samples: int, seed: int, test_fraction: float):
+  # Generating 5000 examples takes seconds; the main job reuses them.
+  return data.load_mnist1d(num_samples, seed, test_fraction)
+
+
+def load_data(config: ConfigDict, seeds: list[int]) -> NoisyData:
+  """MNIST-1D with label noise drawn per seed (`label_noise(seed=seed)`).
+
+  With `data.val_fraction > 0` the evaluation split is a validation set
+  carved from the training set (split seeded by `data.seed`, the same for
+  all seeds) and the test set is not touched; its labels carry the same
+  noise as training, since in practice only noisy labels are available.
+  """
+  d = config.data
+  raw = _mnist1d(d.num_samples, d.seed, d.test_fraction)
+  x, y = raw["x_train"], raw["y_train"]
+  k = data.MNIST1D_NUM_CLASSES
+  noisy = [
+    data.label_noise(
+      y, d.noise_rate, kind=d.noise_kind, num_classes=k, seed=int(s)
+    )
+    for s in seeds
+  ]
+  labels = np.stack([n[0] for n in noisy])
+  mask = np.stack([n[1] for n in noisy])
+  if d.val_fraction:
+    tr, va = data.split_indices(len(y), d.val_fraction, d.seed)
+    return NoisyData(
+      jnp.asarray(x[tr]),
+      jnp.asarray(labels[:, tr]),
+      jnp.asarray(y[tr]),
+      jnp.asarray(mask[:, tr]),
+      jnp.asarray(x[va]),
+      jnp.asarray(labels[:, va]),
+      jnp.asarray(y[va]),
+      split="val",
+    )
+  y_test = np.broadcast_to(raw["y_test"], (len(seeds),) + raw["y_test"].shape)
+  return NoisyData(
+    jnp.asarray(x),
+    jnp.asarray(labels),
+    jnp.asarray(y),
+    jnp.asarray(mask),
+    jnp.asarray(raw["x_test"]),
+    jnp.asarray(y_test),
+    jnp.asarray(raw["y_test"]),
+    split="test",
+  )
+
+
+def _config_json(config: ConfigDict) -> dict:
+  d = json.loads(config.to_json())
+  return {k: v for k, v in d.items() if k not in _IGNORED}
+
+
+def _check_workdir_config(workdir: pathlib.Path, config: ConfigDict) -> None:
+  path = workdir / "config.json"
+  new = _config_json(config)
+  if path.exists():
+    old = json.loads(path.read_text())
+    old = {k: v for k, v in old.items() if k not in _IGNORED}
+    if old != new:
+      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      raise ValueError(
+        f"workdir {workdir} holds a run with a different config (fields "
+        f"{diff}); use a new workdir"
+      )
+  path.write_text(json.dumps(json.loads(config.to_json()), indent=2))
+
+
+def _read_records(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _write_records(path: pathlib.Path, records: list[dict], mode: str) -> None:
+  with path.open(mode) as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+
+
+def _host_copy(tree: Any) -> Any:
+  # A real copy: the device buffers are donated to the next epoch while
+  # orbax may still be writing asynchronously.
+  return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+def _raise_non_finite(out: dict, config: ConfigDict, epoch: int, seeds):
+  """Raises FloatingPointError naming the first bad step, if there is one."""
+  loss, gnorm = np.asarray(out["loss"]), np.asarray(out["grad_norm"])
+  finite = np.asarray(out["params_finite"])
+  bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
+  steps = loss.shape[1]
+  where = f"{config.method} (lr={config.learning_rate}, rho={config.rho})"
+  if bad.any():
+    t = int(np.nonzero(bad.any(0))[0][0])
+    s = int(np.nonzero(bad[:, t])[0][0])
+    what = "loss" if not np.isfinite(loss[s, t]) else "gradient"
+    step = (epoch - 1) * steps + t + 1
+    raise FloatingPointError(
+      f"non-finite {what} at step {step} (epoch {epoch}, seed {seeds[s]}) "
+      f"with {where}; the last good checkpoint is kept"
+    )
+  if not finite.all():
+    s = int(np.argmin(finite))
+    raise FloatingPointError(
+      f"non-finite parameters after step {epoch * steps} (epoch {epoch}, "
+      f"seed {seeds[s]}) with {where}; the last good checkpoint is kept"
+    )
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.num_seeds` seeds of `config.method`, evaluating per epoch.
+
+  Returns:
+    The summary written to `<workdir>/summary.json`: per-seed best / final
+    evaluation accuracy (`sam_jax.metrics.summarize`), `status`, `method`,
+    `label`, `runtime_s` (this invocation, compilation included), `epoch_s`
+    (median seconds per epoch of this invocation, the first excluded) and
+    the config.
+
+  Raises:
+    ValueError: a bad config (before training), or a workdir holding a run
+      with another config.
+    FloatingPointError: a non-finite loss, gradient or parameter.
+  """
+  validate_config(config)
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_workdir_config(workdir, config)
+  t0 = time.perf_counter()
+  seeds = [config.seed + i for i in range(config.num_seeds)]
+  ds = load_data(config, seeds)
+  n, batch_size = ds.x_train.shape[0], config.batch_size
+  steps_per_epoch = n // batch_size
+  model = make_model(config, data.MNIST1D_NUM_CLASSES)
+  tx = make_optimizer(config, steps_per_epoch)
+  keys_S = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
+  states = init_states(model, tx, keys_S, ds.x_train[:1])
+
+  ckpt = ocp.CheckpointManager(
+    workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2)
+  )
+  metrics_path = workdir / "metrics.jsonl"
+  start = ckpt.latest_step() or 0
+  if start:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, states)
+    states = ckpt.restore(start, args=ocp.args.StandardRestore(abstract))
+  # Drop metrics past the checkpoint: those epochs are run again.
+  records = [r for r in _read_records(metrics_path) if r["epoch"] <= start]
+  _write_records(metrics_path, records, "w")
+
+  train_step = make_train_step(config, model, tx)
+  epoch_fn = make_epoch_fn(train_step, n, batch_size)
+  eval_fn = _eval_fn(model, config.eval_batch_size, ds.split)
+  train_set = (ds.x_train, ds.labels, ds.true_labels, ds.noisy)
+  eval_set = (ds.x_eval, ds.eval_labels, ds.eval_true_labels)
+  acc_key = f"{ds.split}_accuracy"
+  bar = tqdm.trange(
+    start + 1,
+    config.num_epochs + 1,
+    desc=config.get("label", config.method),
+    disable=not config.progress,
+    initial=start,
+    total=config.num_epochs,
+  )
+  epoch_times = []
+  try:
+    for epoch in bar:
+      t_epoch = time.perf_counter()
+      states, out = epoch_fn(states, keys_S, ds.x_train, ds.labels, epoch)
+      _raise_non_finite(out, config, epoch, seeds)
+      last = epoch == config.num_epochs
+      if epoch % config.eval_every_epochs == 0 or last:
+        m = eval_fn(states.params, train_set, eval_set)
+        m["train_loss"] = jnp.mean(out["loss"], axis=1)
+        recs = metrics.to_records(
+          m, seeds, epoch=epoch, step=epoch * steps_per_epoch
+        )
+        _write_records(metrics_path, recs, "a")
+        bar.set_postfix({acc_key: np.mean([r[acc_key] for r in recs])})
+      if epoch % config.checkpoint_every_epochs == 0 or last:
+        ckpt.save(epoch, args=ocp.args.StandardSave(_host_copy(states)))
+      epoch_times.append(time.perf_counter() - t_epoch)
+  finally:
+    ckpt.wait_until_finished()
+    ckpt.close()
+    bar.close()
+
+  summary = metrics.summarize(_read_records(metrics_path), ds.split)
+  summary.update(
+    status="ok",
+    label=config.get("label", config.method),
+    method=config.method,
+    runtime_s=time.perf_counter() - t0,
+    # Median epoch (train, eval, checkpoint) after the first, which compiles.
+    epoch_s=float(np.median(epoch_times[1:])) if epoch_times[1:] else None,
+    steps_per_epoch=steps_per_epoch,
+    config=json.loads(config.to_json()),
+  )
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary

@@ -1,0 +1,145 @@
+"""End-to-end tests of experiments/: the CLI, the main job and tuning.
+
+All run the real label-noise config shrunk on the command line (or with
+`--set`): 160 training examples, a 2-channel CNN, 2 epochs, 2 seeds.
+"""
+
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+from absl import flags
+
+from experiments import label_noise, report
+from experiments import main as main_lib
+from experiments.configs import label_noise_mnist1d
+
+CONFIG = pathlib.Path(__file__).parents[1] / (
+  "experiments/configs/label_noise_mnist1d.py"
+)
+TINY = {
+  "data.num_samples": 200,
+  "model.channels": (2,),
+  "model.kernel_size": 3,
+  "model.dense": (4,),
+  "batch_size": 16,
+  "num_epochs": 2,
+  "num_seeds": 2,
+  "progress": False,
+}
+
+
+@pytest.fixture
+def cli(monkeypatch):
+  def run(argv):
+    # ml_collections reads --config.* overrides from sys.argv.
+    monkeypatch.setattr(sys, "argv", ["main"] + argv)
+    flags.FLAGS.unparse_flags()
+    for name in list(flags.FLAGS):  # Defined by the previous parse.
+      if name.startswith("config."):
+        delattr(flags.FLAGS, name)
+    flags.FLAGS(sys.argv)
+    main_lib.main(["main"])
+
+  yield run
+  flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("label", list(label_noise_mnist1d.METHODS))
+def test_cli_trains_each_method(label, tmp_path, cli, capsys):
+  tiny = [f"--config.{k}={v}" for k, v in TINY.items()]
+  cli([f"--config={CONFIG}:{label}", f"--workdir={tmp_path}", *tiny])
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["status"] == "ok"
+  assert summary["method"] == label_noise_mnist1d.METHODS[label]["method"]
+  for k, v in label_noise_mnist1d.METHODS[label].items():
+    assert summary["config"][k] == v
+  assert summary["config"]["model"]["channels"] == [2]
+  assert len(summary["best_test_accuracy"]) == 2
+  assert '"best_test_accuracy"' in capsys.readouterr().out
+  recs = report.load_metrics(tmp_path)
+  assert len(recs) == 2 * 2  # Epochs x seeds.
+  for r in recs:
+    for k in (
+      "train_loss",
+      "test_accuracy",
+      "clean_accuracy",
+      "noisy_accuracy",
+    ):
+      assert math.isfinite(r[k]), (k, r)
+
+
+def test_cli_overrides_method_fields(tmp_path, cli):
+  tiny = [f"--config.{k}={v}" for k, v in TINY.items()]
+  argv = [f"--config={CONFIG}:sam", f"--workdir={tmp_path}", *tiny]
+  cli(argv + ["--config.rho=0.07", "--config.group_size=4"])
+  config = json.loads((tmp_path / "summary.json").read_text())["config"]
+  assert config["rho"] == 0.07 and config["group_size"] == 4
+  with pytest.raises(ValueError, match="config.group_size"):
+    cli(argv + ["--config.group_size=3"])  # 3 does not divide 16.
+
+
+def test_main_job_writes_summary_table_and_plots(tmp_path):
+  s = label_noise.run_all(str(tmp_path), ["sgd", "1-sam"], TINY)
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert list(on_disk["methods"]) == ["sgd", "1-sam"]
+  assert on_disk["shared"]["num_epochs"] == 2
+  for label, m in on_disk["methods"].items():
+    assert m["status"] == "ok", label
+    for col in ("best_test_accuracy", "best_epoch", "final_test_accuracy"):
+      assert len(m[col]) == 2
+      assert m["mean"][col] is not None and m["std"][col] is not None
+  assert on_disk["methods"]["1-sam"]["hparams"] == {
+    "method": "sam",
+    "rho": 0.01,
+    "group_size": 1,
+  }
+  for png in ("test_accuracy.png", "clean_noisy.png", "norms.png"):
+    assert (tmp_path / png).stat().st_size > 1000
+  table = report.format_table(s["methods"])
+  assert "1-sam" in table and "rho=0.01,m=1" in table
+  # A rerun re-reads the finished runs: the same numbers.
+  again = label_noise.run_all(
+    str(tmp_path), ["sgd", "1-sam"], TINY, plots=False
+  )
+  timing = {"runtime_s": None, "epoch_s": None}
+  drop = lambda ms: {k: {**m, **timing} for k, m in ms.items()}
+  assert drop(again["methods"]) == drop(s["methods"])
+  assert again["runtime_s"] < s["runtime_s"]
+
+
+def test_main_job_records_divergence(tmp_path):
+  config = label_noise.make_config("sgd", {**TINY, "learning_rate": 1e12})
+  s = label_noise.run_label(config, tmp_path)
+  assert s["status"] == "diverged"
+  assert "non-finite" in s["error"] and "step" in s["error"]
+
+
+def test_tune_uses_a_validation_split(tmp_path, monkeypatch):
+  grid = {"sgd+reg": ({"lambda_a": 0.0}, {"lambda_a": 0.5})}
+  monkeypatch.setattr(label_noise_mnist1d, "TUNE_GRID", grid)
+  tuned = label_noise.tune(str(tmp_path), ["sgd+reg"], TINY)["sgd+reg"]
+  scores = tuned["scores"]
+  assert set(scores) == {"lambda_a=0.0", "lambda_a=0.5"}
+  assert "lambda_a=" + str(tuned["choice"]["lambda_a"]) == max(
+    scores, key=scores.get
+  )
+  for name in scores:
+    recs = report.load_metrics(tmp_path / "sgd+reg" / name)
+    assert recs and all("test_accuracy" not in r for r in recs)
+    assert all(0 <= r["val_accuracy"] <= 1 for r in recs)
+  assert json.loads((tmp_path / "tune.json").read_text())["tuned"]
+
+
+def test_overrides_are_checked():
+  assert label_noise.parse_overrides(["a.b=1", "c=x", "d=(1, 2)"]) == {
+    "a.b": 1,
+    "c": "x",
+    "d": (1, 2),
+  }
+  with pytest.raises(ValueError, match="field=value"):
+    label_noise.parse_overrides(["novalue"])
+  with pytest.raises(ValueError, match="unknown config field"):
+    label_noise.make_config("sgd", {"rhoo": 0.1})
