@@ -103,7 +103,7 @@ def bench(model, batch_size, reps, steps, labels):
     runs[label] = dict(step=step, state=state, times=[])
     runs[label]["compile_s"] = time.perf_counter() - t0
   for _ in range(reps):
-    for label, run in runs.items():
+    for run in runs.values():
       state = run["state"]
       t0 = time.perf_counter()
       for _ in range(steps):
@@ -111,7 +111,7 @@ def bench(model, batch_size, reps, steps, labels):
       jax.block_until_ready(loss)
       run["times"].append((time.perf_counter() - t0) / steps)
       run["state"] = state
-  return {label: run for label, run in runs.items()}
+  return runs
 
 
 def main():
