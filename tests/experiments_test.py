@@ -87,19 +87,22 @@ def test_main_job_writes_summary_table_and_plots(tmp_path):
   assert list(on_disk["methods"]) == ["sgd", "1-sam"]
   assert on_disk["shared"]["num_epochs"] == 2
   for label, m in on_disk["methods"].items():
-    assert m["status"] == "ok", label
+    # A 2-epoch tiny run may end near chance: that is flagged, not hidden.
+    low = [sd for sd, f in zip(m["seeds"], m["final_test_accuracy"]) if f < 0.2]
+    assert m["collapsed_seeds"] == low
+    assert m["status"] == ("collapsed" if low else "ok"), label
     for col in ("best_test_accuracy", "best_epoch", "final_test_accuracy"):
       assert len(m[col]) == 2
       assert m["mean"][col] is not None and m["std"][col] is not None
-  assert on_disk["methods"]["1-sam"]["hparams"] == {
-    "method": "sam",
-    "rho": 0.01,
-    "group_size": 1,
-  }
+  assert (
+    on_disk["methods"]["1-sam"]["hparams"]
+    == (label_noise_mnist1d.METHODS["1-sam"])
+  )
   for png in ("test_accuracy.png", "clean_noisy.png", "norms.png"):
     assert (tmp_path / png).stat().st_size > 1000
   table = report.format_table(s["methods"])
-  assert "1-sam" in table and "rho=0.01,m=1" in table
+  rho = label_noise_mnist1d.METHODS["1-sam"]["rho"]
+  assert "1-sam" in table and f"rho={rho},m=1" in table
   # A rerun re-reads the finished runs: the same numbers.
   again = label_noise.run_all(
     str(tmp_path), ["sgd", "1-sam"], TINY, plots=False

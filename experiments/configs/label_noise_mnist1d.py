@@ -33,11 +33,11 @@ from ml_collections import config_dict
 # are the ones `--tune` chose on the validation split (see module docstring).
 METHODS = {
   "sgd": dict(method="sgd"),
-  "sam": dict(method="sam", rho=0.05),
-  "1-sam": dict(method="sam", rho=0.01, group_size=1),
-  "l-sam": dict(method="l-sam", rho=0.01, group_size=1),
-  "j-sam": dict(method="j-sam", rho=0.01, group_size=1),
-  "sgd+reg": dict(method="sgd+reg", lambda_w=1e-3, lambda_a=1e-3),
+  "sam": dict(method="sam", rho=0.2),
+  "1-sam": dict(method="sam", rho=0.02, group_size=1),
+  "l-sam": dict(method="l-sam", rho=0.05, group_size=1),
+  "j-sam": dict(method="j-sam", rho=0.02, group_size=1),
+  "sgd+reg": dict(method="sgd+reg", lambda_w=1e-2, lambda_a=1e-3),
 }
 
 # The candidates `--tune` tries for each label: each is a dict of fields.
