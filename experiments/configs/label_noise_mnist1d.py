@@ -20,10 +20,27 @@ All methods, their table and plots (the main job):
 Re-tune each method's rho / lambda on the validation split (never on the
 test set); it prints the chosen values to copy into `METHODS` below:
 
-  python -m experiments.label_noise --tune --workdir=runs/label_noise_tune
+  python -m experiments.label_noise --tune --workdir=runs/label_noise_tune \
+    --set num_seeds=2
 
-Expected runtime and result: see README ("Label noise on MNIST-1D"), which
-holds the measured table; both are filled in from measured runs only.
+Shared hyperparameters (all methods): CNN1D (3 stride-2 convs of 32
+channels, kernel 5, dense 64, ReLU), momentum SGD lr 0.05, momentum 0.9, no
+weight decay, constant lr, batch 128, 60 epochs; MNIST-1D 4000 train / 1000
+test, 30% symmetric noise. At these SGD memorises the noisy labels (85% of
+them by epoch 60) and its test accuracy falls from its peak (~68% at epoch
+~12) to ~51%, so early stopping matters as in the paper.
+
+Expected runtime: the main job took 5 min 14 s wall on 2 shared CPU cores
+(load ~2-3 from other work); one label alone 20-80 s.
+Expected result (main job, 3 seeds, best test accuracy mean ± std, %):
+sgd 67.7 ± 0.8, sam 77.1 ± 1.7, 1-sam 75.9 ± 0.3, l-sam 70.7 ± 1.2,
+j-sam 76.3 ± 0.1, sgd+reg 72.3 ± 1.0.
+
+Tuning (the command above: 2 seeds, 20% validation split, 60 epochs) took
+14.5 + 4.7 min in two passes (the first before the fast 1-SAM path landed,
+the second adding the grid's upper values); it chose the values in METHODS
+(best validation accuracy against the noisy validation labels). For sam,
+1-sam and j-sam the largest rho tried left seeds at chance accuracy (no NaN).
 """
 
 import ml_collections
