@@ -15,12 +15,19 @@ every method) and `grads` the direction handed to the optimizer. The trainer
   j-sam     Jacobian-only SAM `J(w+eps)^T r(w)` (A2), any `group_size`.
   sgd+reg   the cheap alternative of A5:
             L + lambda_w ||V_head||^2 + lambda_a mean_i ||phi(x_i)||^2.
-  gradient-penalty, gn-gradient-penalty, weight-noise, hessian-trace,
-  gn-trace  the penalties of B3-B4 (`sam_jax.regularizers`), reading the
+  penalty, penalty-gn, weight-noise, trace-h, trace-gn
+            the penalties of B3-B4 (`sam_jax.regularizers`), reading the
             config fields of `REGULARIZER_FIELDS`.
 
 More methods plug in by name with `register`; the factory reads its own
 hyperparameters from the config and may validate them.
+
+Models with BatchNorm: every gradient here is taken in training mode (batch
+statistics; `models.make_objective`), and the running averages are not
+touched: the trainer updates them from the clean pass only
+(`train.make_train_step`). Per-example SAM (`group_size` 1) with BatchNorm
+is ill-defined and raises; m-SAM normalises each group with its own
+statistics.
 """
 
 import math
@@ -126,8 +133,20 @@ def _sgd(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
   return grad_fn
 
 
+def _check_per_example_norm(config: Any, model: nn.Module) -> None:
+  """1-SAM perturbs each example alone; BatchNorm couples the batch."""
+  if config.group_size == 1 and getattr(model, "norm", None) == "batch":
+    raise ValueError(
+      f"config.method={config.method!r} with config.group_size=1 "
+      "(per-example SAM) is ill-defined with config.model.norm='batch': "
+      "BatchNorm mixes the examples of a batch. Use config.model.norm="
+      "'layer' or 'group' (the paper swaps BatchNorm for LayerNorm)."
+    )
+
+
 def _sam_factory(variant: str) -> Factory:
   def factory(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
+    _check_per_example_norm(config, model)
     obj: Objective = models.make_objective(model, loss_fn)
     rho, group_size, adaptive = config.rho, config.group_size, config.adaptive
 
@@ -158,11 +177,11 @@ register("j-sam", validate=_check_sam)(_sam_factory("jacobian"))
 # regulariser's default).
 REGULARIZER_FIELDS = {
   "sgd+reg": ("lambda_w", "lambda_a"),
-  "gradient-penalty": ("rho", "squared"),
-  "gn-gradient-penalty": ("rho", "squared"),
+  "penalty": ("rho", "squared"),
+  "penalty-gn": ("rho", "squared"),
   "weight-noise": ("sigma",),
-  "hessian-trace": ("sigma", "num_probes"),
-  "gn-trace": ("sigma", "num_probes", "estimator"),
+  "trace-h": ("sigma", "num_probes"),
+  "trace-gn": ("sigma", "num_probes", "estimator"),
 }
 _REQUIRED_FIELDS = ("rho", "sigma")
 

@@ -12,6 +12,23 @@ Nonlinear models take `activation` (default `nn.relu`; see
 `sam_jax.activations` for GELU, beta-GELU and the NME interventions of B3).
 MLP and CNN1D have no normalisation layers, so per-example SAM (A1) and the
 exact same-layer NME structure of ReLU nets (B2) hold as stated.
+
+ResNet-18 and WideResNet (`sam_jax.resnet`, re-exported here) take a `norm`.
+With BatchNorm a model has state besides its parameters, the `batch_stats`
+collection; `model_state` below is the dict of such collections (`{}` for
+every other model):
+
+  params, model_state = init(model, key, x)
+  make_objective / features_fn   training mode: batch statistics; the
+                                 running averages are neither read nor
+                                 written, so the objective is a function of
+                                 params alone (SAM's perturbed pass cannot
+                                 touch them)
+  update_state(model, params, model_state, x)
+                                 the running averages after one clean
+                                 forward pass at `params` (the trainer calls
+                                 it once per step, at the unperturbed point)
+  eval_features_fn               evaluation: running averages
 """
 
 from typing import Any, Callable, Sequence
@@ -21,9 +38,13 @@ import jax
 import jax.numpy as jnp
 
 from sam_jax.objective import Objective
+from sam_jax.resnet import NORMS, ResNet18, WideResNet  # noqa: F401
 
 Array = jax.Array
 Params = Any
+ModelState = dict  # {collection name: pytree}; {} for stateless models
+# Collections that hold model state and are updated by training.
+STATE_COLLECTIONS = ("batch_stats",)
 
 
 def _flatten(x: Array) -> Array:
@@ -123,23 +144,33 @@ class Linear(nn.Module):
     return (logits, h) if return_features else logits
 
 
-_TINY = ("mlp", "cnn", "two-layer-linear", "linear")
+_TINY = ("mlp", "cnn", "two-layer-linear", "linear", "resnet18", "wrn")
 
 
 def tiny(
   name: str,
   num_classes: int = 3,
   activation: Callable[[Array], Array] = nn.relu,
+  norm: str = "layer",
 ) -> nn.Module:
   """A tiny model for tests (few parameters, dense Hessians are cheap).
 
   `mlp`: widths (4, 4); `cnn`: two conv layers of 2 channels, kernel 3, one
-  dense layer of 4; `two-layer-linear`: hidden 3; `linear`. The linear models
-  ignore `activation`.
+  dense layer of 4; `two-layer-linear`: hidden 3; `linear`; `resnet18`:
+  the full ResNet-18 topology with widths (2, 2, 4, 4); `wrn`: WRN-10-1
+  with base width 2 (widths 2/4/8). The residual nets take `norm` (GroupNorm
+  with 2 groups); the linear models ignore `activation`.
 
   Raises:
     ValueError: unknown name.
   """
+  if name in ("resnet18", "wrn"):
+    net = dict(num_classes=num_classes, activation=activation, norm=norm)
+    if name == "resnet18":
+      return ResNet18(widths=(2, 2, 4, 4), num_groups=2, **net)
+    return WideResNet(
+      depth=10, widen_factor=1, base_width=2, num_groups=2, **net
+    )
   if name == "mlp":
     return MLP((4, 4), num_classes=num_classes, activation=activation)
   if name == "cnn":
@@ -157,21 +188,73 @@ def tiny(
   raise ValueError(f"unknown tiny model name {name!r}; valid: {_TINY}")
 
 
+def init(model: nn.Module, key: Array, x: Array) -> tuple[Params, ModelState]:
+  """`(params, model_state)`; x is a sample batch (only its shape matters
+  for the parameters; BatchNorm's running averages start at mean 0, var 1).
+  """
+  variables = dict(model.init(key, x))
+  params = variables.pop("params")
+  return params, {k: variables[k] for k in STATE_COLLECTIONS if k in variables}
+
+
 def init_params(model: nn.Module, key: Array, x: Array) -> Params:
   """`model.init(key, x)["params"]`; x is a sample batch (only its shape)."""
-  return model.init(key, x)["params"]
+  return init(model, key, x)[0]
+
+
+def train_apply(model: nn.Module, params: Params, x: Array, **kwargs) -> Any:
+  """`model(params, x)` in training mode: BatchNorm uses batch statistics.
+
+  The state collections are mutable (that selects the mode) and their
+  updates are dropped: the result depends on `params` and `x` alone.
+  """
+  out, _ = model.apply(
+    {"params": params}, x, mutable=STATE_COLLECTIONS, **kwargs
+  )
+  return out
+
+
+def update_state(
+  model: nn.Module, params: Params, model_state: ModelState, x: Array
+) -> ModelState:
+  """The model state after a training-mode forward pass at `params` on `x`.
+
+  For BatchNorm: running averages moved towards this batch's statistics.
+  `{}` (stateless model) is returned as is, at no cost.
+  """
+  if not model_state:
+    return model_state
+  variables = {"params": params, **model_state}
+  _, new = model.apply(variables, x, mutable=tuple(model_state))
+  return dict(new)
 
 
 def make_objective(
   model: nn.Module, loss_fn: Callable[[Array, Array], Array]
 ) -> Objective:
-  """`Objective` for a parameter-only model: `apply_fn(p, x) = model(p, x)`."""
-  return Objective(lambda p, x: model.apply({"params": p}, x), loss_fn)
+  """`Objective` with `apply_fn(p, x)` the model in training mode."""
+  return Objective(lambda p, x: train_apply(model, p, x), loss_fn)
 
 
 def features_fn(model: nn.Module) -> Callable[[Params, Array], Any]:
-  """`(params, x) -> (logits [B, K], features [B, D])` for the penalties."""
-  return lambda p, x: model.apply({"params": p}, x, return_features=True)
+  """`(params, x) -> (logits [B, K], features [B, D])` for the penalties
+  (training mode, like `make_objective`)."""
+  return lambda p, x: train_apply(model, p, x, return_features=True)
+
+
+def eval_features_fn(
+  model: nn.Module,
+) -> Callable[[Params, Array, ModelState], Any]:
+  """`(params, x, model_state) -> (logits, features)` for evaluation.
+
+  BatchNorm normalises with the running averages, so the output of an
+  example does not depend on the rest of the batch. Inside a jitted
+  evaluation, bind the state with a closure for `sam_jax.metrics`:
+  `make_evaluate(lambda p, x: fn(p, x, model_state), ...)`.
+  """
+  return lambda p, x, s: model.apply(
+    {"params": p, **s}, x, return_features=True
+  )
 
 
 def num_params(params: Params) -> int:

@@ -16,10 +16,17 @@ For convolutions, `G_i` is formed from patches (strided slices of the
 input) at the cost of one more convolution. Gradients w.r.t. `W` of the
 perturbed pass are exactly those at `W + eps_i` because the correction is
 held constant. `flax.linen.intercept_methods` injects all of this into any
-model made of `nn.Dense`/`nn.Conv` without changing the model; `plan`
-returns None (and `sam_gradient` falls back to the general path) for
-anything else: other parametrised layers, shared layers, grouped or
-circular convolutions, or non-flax models.
+model made of `nn.Dense`/`nn.Conv` without changing the model.
+
+Per-example normalisations `nn.LayerNorm`/`nn.GroupNorm` (features on the
+last axis, no statistics across the batch) are covered the same way:
+`y = xhat(a) s + b` with the parameter-free `xhat` recomputed from the
+layer's input, per-example gradients `gs_i = sum_p xhat_ip * delta_ip`,
+`gb_i = sum_p delta_ip` (per channel), and the correction
+`c_i (xhat(a'_i) gs_i + gb_i)`. `plan` returns None (and `sam_gradient`
+falls back to the general path) for anything else: other parametrised
+layers (BatchNorm), shared layers, grouped or circular convolutions, or
+non-flax models.
 """
 
 import itertools
@@ -40,6 +47,9 @@ class Layer(NamedTuple):
   out_dtype: Any
   use_bias: bool
   conv: Optional[dict]  # None for Dense, else patch arguments
+  # Per-example norms: the layer without scale and bias (`xhat`), else None.
+  normalize: Optional[nn.Module] = None
+  use_scale: bool = False
 
 
 def _conv_args(module: nn.Conv, ndim: int) -> Optional[dict]:
@@ -70,6 +80,26 @@ def _conv_args(module: nn.Conv, ndim: int) -> Optional[dict]:
   )
 
 
+def _normalizer(module: nn.Module, ndim: int) -> Optional[nn.Module]:
+  """`module` without its affine part, if it normalises each example alone
+  with per-channel (last axis) scale and bias; else None."""
+  if module.axis_name is not None:
+    return None
+  if type(module) is nn.LayerNorm:
+    as_tuple = lambda v: (v,) if isinstance(v, int) else tuple(v)
+    reduced = {a % ndim for a in as_tuple(module.reduction_axes)}
+    if 0 in reduced or {a % ndim for a in as_tuple(module.feature_axes)} != {
+      ndim - 1
+    }:
+      return None
+  elif module.reduction_axes is not None:  # GroupNorm: default is per example
+    return None
+  return module.clone(parent=None, name=None, use_scale=False, use_bias=False)
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+
 def plan(apply_fn: Any, params: Params, x: jax.Array) -> Optional[tuple]:
   """The layers of `apply_fn` if the fast path covers every parameter."""
   layers, seen, ok = [], set(), [True]
@@ -80,30 +110,42 @@ def plan(apply_fn: Any, params: Params, x: jax.Array) -> Optional[tuple]:
     if context.method_name != "__call__" or type(module) not in (
       nn.Dense,
       nn.Conv,
+      *_NORMS,
     ):
       return out  # other modules: their parameters fail the coverage check
     a = args[0]
     name = "/".join(module.path)
-    conv = None
+    conv, normalize, use_scale = None, None, False
     if type(module) is nn.Conv:
       conv = _conv_args(module, a.ndim) if a.ndim >= 3 else None
       ok[0] &= conv is not None
+    if type(module) in _NORMS:
+      normalize, use_scale = _normalizer(module, a.ndim), module.use_scale
+      ok[0] &= normalize is not None
     batched = a.ndim >= 2 and a.shape[0] == out.shape[0] == x.shape[0]
     ok[0] &= batched and name not in seen  # a shared layer sums per call
     seen.add(name)
-    layers.append(Layer(name, out.shape, out.dtype, module.use_bias, conv))
+    layers.append(
+      Layer(
+        name, out.shape, out.dtype, module.use_bias, conv, normalize, use_scale
+      )
+    )
     return out
 
   try:
     with nn.intercept_methods(survey):
-      jax.eval_shape(apply_fn, params, x)
+      # A fresh function: eval_shape caches traces by function, and a
+      # cached trace would skip the interceptor (and find no layers).
+      jax.eval_shape(lambda p, x_: apply_fn(p, x_), params, x)
   except Exception:  # noqa: BLE001 -- any failure means "not supported"
     return None
   if not ok[0] or not layers:
     return None
   covered = set()
   for layer in layers:
-    covered.add(layer.name + "/kernel")
+    if layer.normalize is None or layer.use_scale:
+      is_norm = layer.normalize is not None
+      covered.add(layer.name + ("/scale" if is_norm else "/kernel"))
     if layer.use_bias:
       covered.add(layer.name + "/bias")
   leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -155,6 +197,12 @@ def _rank_one(layer: Layer, a: jax.Array) -> bool:
   return layer.conv is None and a.ndim == 2
 
 
+def _xhat_BxPxC(layer: Layer, a: jax.Array) -> jax.Array:
+  """A norm layer's normalised input `xhat(a)` as [B, P, C]."""
+  xhat = layer.normalize.apply({}, a)
+  return xhat.reshape(xhat.shape[0], -1, xhat.shape[-1])
+
+
 def _per_example_stats(layer: Layer, a: jax.Array, delta: jax.Array):
   """Per-example gradient of the layer (as needed) and its squared norm."""
   acc = jnp.promote_types(delta.dtype, jnp.float32)
@@ -162,6 +210,10 @@ def _per_example_stats(layer: Layer, a: jax.Array, delta: jax.Array):
   d_BxPxO = delta.reshape(delta.shape[0], -1, delta.shape[-1])
   gb_BxO = jnp.sum(d_BxPxO, axis=1)
   sq_b = jnp.sum(gb_BxO**2, -1) if layer.use_bias else 0.0
+  if layer.normalize is not None:
+    scale = 1.0 if layer.use_scale else 0.0
+    gs_BxO = scale * jnp.sum(_xhat_BxPxC(layer, a) * d_BxPxO, axis=1)
+    return (gs_BxO, gb_BxO), jnp.sum(gs_BxO**2, -1) + sq_b
   if _rank_one(layer, a):
     sq_w = jnp.sum(a**2, -1) * jnp.sum(delta**2, -1)
     return (a, delta), sq_w + sq_b
@@ -172,6 +224,12 @@ def _per_example_stats(layer: Layer, a: jax.Array, delta: jax.Array):
 def _correction(layer: Layer, stats, c_B: jax.Array, a2: jax.Array):
   """`y'(a2) - y(a2)` for the layer perturbed by `c_i G_i` per example."""
   bias = 1.0 if layer.use_bias else 0.0
+  if layer.normalize is not None:
+    gs_BxO, gb_BxO = stats
+    xhat = _xhat_BxPxC(layer, a2).astype(gs_BxO.dtype)
+    y_BxPxO = xhat * gs_BxO[:, None] + bias * gb_BxO[:, None]
+    y_BxPxO = c_B[:, None, None] * y_BxPxO
+    return y_BxPxO.reshape(layer.out_shape).astype(layer.out_dtype)
   if _rank_one(layer, a2):
     a_BxI, d_BxO = stats
     coef_B = c_B * (jnp.sum(a2.astype(a_BxI.dtype) * a_BxI, -1) + bias)

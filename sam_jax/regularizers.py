@@ -6,13 +6,13 @@ Each regulariser is a differentiable scalar (a loss term) built on an
 data loss for logging. Notation of PAPERS.md: `L` batch loss, `g = grad L`,
 `H = GN + NME`.
 
-  gradient-penalty     L + rho ||g||  (or ||g||^2), double backprop:
+  penalty              L + rho ||g||  (or ||g||^2), double backprop:
                        grad = g + rho H g/||g||  (2 rho H g)          [B3]
-  gn-gradient-penalty  same value, NME dropped (full NME ablation):
+  penalty-gn           same value, NME dropped (full NME ablation):
                        grad = g + rho GN g/||g|| (2 rho GN g)         [B3]
   weight-noise         L(w + delta), delta ~ N(0, sigma^2 I) per key  [B4]
-  hessian-trace        L + sigma^2/2 v^T H v, Rademacher v (Hutchinson)
-  gn-trace             L + sigma^2/2 v^T GN v, one JVP per probe, or the
+  trace-h              L + sigma^2/2 v^T H v, Rademacher v (Hutchinson)
+  trace-gn             L + sigma^2/2 v^T GN v, one JVP per probe, or the
                        sampled-label estimator                        [B4]
   sgd+reg              L + lambda_w ||V_head||^2
                          + lambda_a mean_i ||phi(x_i)||^2              [A5]
@@ -263,15 +263,15 @@ def mean_feature_sq_norm(features_BxD: Array) -> Array:
 
 _REQUIRED = object()
 _HPARAMS = {
-  "gradient-penalty": {"rho": _REQUIRED, "squared": False},
-  "gn-gradient-penalty": {"rho": _REQUIRED, "squared": False},
+  "penalty": {"rho": _REQUIRED, "squared": False},
+  "penalty-gn": {"rho": _REQUIRED, "squared": False},
   "weight-noise": {"sigma": _REQUIRED},
-  "hessian-trace": {"sigma": _REQUIRED, "num_probes": 1},
-  "gn-trace": {"sigma": _REQUIRED, "num_probes": 1, "estimator": "jvp"},
+  "trace-h": {"sigma": _REQUIRED, "num_probes": 1},
+  "trace-gn": {"sigma": _REQUIRED, "num_probes": 1, "estimator": "jvp"},
   "sgd+reg": {"lambda_w": 0.0, "lambda_a": 0.0},
 }
 NAMES = tuple(_HPARAMS)
-_RANDOM = ("weight-noise", "hessian-trace", "gn-trace")
+_RANDOM = ("weight-noise", "trace-h", "trace-gn")
 
 
 def _resolve(name: str, hparams: dict) -> dict:
@@ -325,7 +325,7 @@ def penalized_loss(
     obj: the model and loss.
     params: parameters w.
     batch: `(x, y)`.
-    key: PRNG key; required by weight-noise, hessian-trace and gn-trace.
+    key: PRNG key; required by weight-noise, trace-h and trace-gn.
     features_fn: `(params, x) -> (logits, features)`, required by sgd+reg
       (e.g. `sam_jax.models.features_fn(model)`).
     **hparams: `rho` (>= 0), `squared` for the gradient penalties; `sigma`
@@ -343,10 +343,10 @@ def penalized_loss(
   hp = _resolve(name, hparams)
   if name in _RANDOM and key is None:
     raise ValueError(f"{name}: needs a PRNG key, got key=None")
-  if name == "gradient-penalty":
+  if name == "penalty":
     loss, pen = _loss_and_grad_norm(obj, params, batch, hp["squared"])
     return loss + hp["rho"] * pen, loss
-  if name == "gn-gradient-penalty":
+  if name == "penalty-gn":
     loss, pen = _gn_gradient_norm(obj, params, batch, hp["squared"])
     return loss + hp["rho"] * pen, loss
   if name == "sgd+reg":
@@ -365,7 +365,7 @@ def penalized_loss(
     delta = sample_weight_noise(params, key, sigma)
     noisy = jax.tree.map(jnp.add, params, lax.stop_gradient(delta))
     return obj.loss(noisy, batch), lax.stop_gradient(loss)
-  if name == "hessian-trace":
+  if name == "trace-h":
     trace = hessian_trace(obj, params, batch, key, hp["num_probes"])
   else:
     trace = gn_trace(obj, params, batch, key, hp["num_probes"], hp["estimator"])
@@ -384,13 +384,13 @@ def regularized_gradient(
 ) -> tuple[Array, Params]:
   """`(clean_loss, grad of penalized_loss)`; same arguments as `penalized_loss`.
 
-  The gradient is the method's update direction, e.g. for gradient-penalty
+  The gradient is the method's update direction, e.g. for penalty
   `g + rho H g/||g||`, for weight-noise `grad L(w + delta)`. For
-  gradient-penalty it is computed as `g + rho hvp(g/||g||)` (forward-over-
+  penalty it is computed as `g + rho hvp(g/||g||)` (forward-over-
   reverse), the same vector as double backprop through `penalized_loss` but
   measured ~3x cheaper on the MNIST-1D CNN on CPU (2.7 vs 6-8.6 gradients).
   """
-  if name == "gradient-penalty":
+  if name == "penalty":
     hp = _resolve(name, hparams)
     return _gradient_penalty_grad(obj, params, batch, hp["rho"], hp["squared"])
   fn = lambda w: penalized_loss(

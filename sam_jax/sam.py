@@ -12,7 +12,8 @@ for 1-SAM) with clean logits `z = f(w, x)` and residual `r = dl/dz`:
 
 Both factors come from `jax.vjp`, so every variant costs two passes. The group
 gradients are averaged (never summed). For 1-SAM on models built from
-`nn.Dense`/`nn.Conv` a fast path (`sam_jax.per_example`) injects the
+`nn.Dense`/`nn.Conv` (and per-example normalisers: LayerNorm, GroupNorm; not
+BatchNorm, which mixes examples) a fast path (`sam_jax.per_example`) injects the
 per-example perturbations into the layers instead of running one backward
 pass per example; the general per-group path below is its reference.
 """

@@ -2,9 +2,8 @@
 
 CIFAR-10, CIFAR-100 and Fashion-MNIST are read with `tfds.data_source`
 (random access to ArrayRecord files, NumPy output, no TensorFlow needed to
-read) into NumPy arrays that fit in device memory; batches are then gathered
-on device (`sam_jax.data.take_batch`) and augmented inside the jitted step
-(`augment`).
+read) into NumPy arrays (or read on demand, `StreamedImages`); batches are
+augmented on device inside the jitted step (`augment`).
 
 Preparing the data, once, on a machine with internet access. Writing the
 files needs TensorFlow (TFDS encodes the images with `tf.image.encode_png`);
@@ -23,9 +22,12 @@ or, in Python,
 
 Then copy `DIR` to the training machines and pass it as `data_dir` (or set
 `TFDS_DATA_DIR`; the default is `~/tensorflow_datasets`). `load_tfds` never
-downloads: a missing dataset is an error. For multi-host runs each host can
-load its own slice with the TFDS split API, e.g.
-`tfds.even_splits("train", n=jax.process_count())[jax.process_index()]`.
+downloads: a missing dataset is an error. `load_tfds` reads a whole split
+into memory (CIFAR: 150 MB); `StreamedImages` reads records on demand, so
+that each host of a multi-host run reads only its slice of each global
+batch (`sam_jax.parallel.process_slice`, `sam_jax.train_sharded`). The label
+noise and the batch order, pure functions of the seed, are the same on
+every host.
 """
 
 import os
@@ -49,6 +51,62 @@ CHANNEL_STATS = {
 }
 
 
+def open_tfds(name: str, split: str, data_dir: str | os.PathLike | None = None):
+  """The `tfds.data_source` of a split (random access, nothing read yet).
+
+  Raises:
+    ValueError: on an unsupported `name`.
+    FileNotFoundError: if the dataset is not prepared as ArrayRecord files
+      (nothing is downloaded).
+  """
+  import tensorflow_datasets as tfds  # Only needed here; slow to import.
+
+  if name not in NUM_CLASSES:
+    raise ValueError(f"name must be one of {sorted(NUM_CLASSES)}, got {name!r}")
+  try:
+    return tfds.data_source(
+      name, split=split, data_dir=data_dir, download=False
+    )
+  except NotImplementedError as e:  # What TFDS raises when no ArrayRecord.
+    raise FileNotFoundError(
+      f"{name} is not prepared in the ArrayRecord format under data_dir="
+      f"{data_dir!r} (None: TFDS's default); prepare it once as described "
+      "in the sam_jax.tfds_data docstring"
+    ) from e
+
+
+class StreamedImages:
+  """The images of a data source, read on demand: `images[idx]`.
+
+  Indexing with an int array or a slice reads those records from the
+  ArrayRecord files (one at a time: `__getitems__` would batch the reads,
+  but the `tfds.testing.mock_data` source of tfds 4.9 breaks on it) and
+  returns `uint8 [len(idx), H, W, C]`, like the in-memory array of
+  `load_tfds`. A multi-host trainer reads only its slice of each batch.
+  """
+
+  def __init__(self, source):
+    self.source = source
+    self.shape = (len(source),) + tuple(
+      source.dataset_info.features["image"].shape
+    )
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, index) -> np.ndarray:
+    idx = np.arange(len(self))[index]
+    out = np.empty((len(idx),) + self.shape[1:], np.uint8)
+    for j, i in enumerate(idx):
+      out[j] = self.source[int(i)]["image"]
+    return out
+
+
+def read_labels(source) -> np.ndarray:
+  """All labels of a data source, `int32 [N]` (reads every record)."""
+  return np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
+
+
 def load_tfds(
   name: str, split: str, data_dir: str | os.PathLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -69,28 +127,12 @@ def load_tfds(
     FileNotFoundError: if the dataset is not prepared as ArrayRecord files
       (nothing is downloaded).
   """
-  import tensorflow_datasets as tfds  # Only needed here; slow to import.
-
-  if name not in NUM_CLASSES:
-    raise ValueError(f"name must be one of {sorted(NUM_CLASSES)}, got {name!r}")
-  try:
-    source = tfds.data_source(
-      name, split=split, data_dir=data_dir, download=False
-    )
-  except NotImplementedError as e:  # What TFDS raises when no ArrayRecord.
-    raise FileNotFoundError(
-      f"{name} is not prepared in the ArrayRecord format under data_dir="
-      f"{data_dir!r} (None: TFDS's default); prepare it once as described "
-      "in the sam_jax.tfds_data docstring"
-    ) from e
-  shape = tuple(source.dataset_info.features["image"].shape)
-  n = len(source)
-  x = np.empty((n, *shape), np.uint8)
-  y = np.empty((n,), np.int32)
-  # One record at a time: `__getitems__` would batch the reads, but the
-  # `tfds.testing.mock_data` data source of tfds 4.9 breaks on it, and 60k
-  # single reads take seconds.
-  for i in range(n):
+  source = open_tfds(name, split, data_dir)
+  images = StreamedImages(source)
+  x = np.empty(images.shape, np.uint8)
+  y = np.empty((len(images),), np.int32)
+  # One pass, one record at a time; 60k single reads take seconds.
+  for i in range(len(images)):
     example = source[i]
     x[i] = example["image"]
     y[i] = example["label"]

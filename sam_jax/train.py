@@ -13,7 +13,9 @@ state, keys and noisy labels stacked on a leading seed axis): the vmapped
 step is jitted once with donated state and dispatched step by step; batches
 are gathered on device from a per-seed permutation per epoch. Seed i uses the
 integer `config.seed + i` for its init, batch order, step keys and label
-noise.
+noise. An image dataset (`config.data.name` cifar10, cifar100 or
+fashion_mnist) goes to `sam_jax.train_sharded` instead: one seed, the batch
+sharded over the devices (and hosts).
 
 Workdir layout:
 
@@ -24,6 +26,11 @@ Workdir layout:
   checkpoints/     orbax checkpoints of the stacked state, named by epoch,
                    every `checkpoint_every_epochs` and at the end
   summary.json     `sam_jax.metrics.summarize` + status and config
+  curvature.jsonl  with `config.curvature.every_epochs > 0`: one JSON line
+                   per logging event per seed (`sam_jax.curvature_log`):
+                   epoch, step, seed, seconds (the event, all seeds), the
+                   top Ritz values and traces of H, GN and NME on a fixed
+                   set of training batches (each seed's training labels)
 
 A rerun with the same workdir resumes from the latest checkpoint and gives
 the same result as an uninterrupted run. A non-finite loss, gradient or
@@ -46,7 +53,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from sam_jax import data, methods, metrics, models
+from sam_jax import curvature_log, data, methods, metrics, models
 from sam_jax.objective import Batch, Params, softmax_cross_entropy
 from sam_jax.sam import global_norm
 from sam_jax.train_config import activation, validate_config
@@ -54,15 +61,21 @@ from sam_jax.train_config import activation, validate_config
 Array = jax.Array
 ConfigDict = ml_collections.ConfigDict
 # Config fields that do not change the result: a rerun may change them.
-_IGNORED = ("progress", "checkpoint_every_epochs")
+_IGNORED = ("progress", "checkpoint_every_epochs", "checkpoint_every_steps")
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Step count, parameters and optimizer state (one seed, or stacked)."""
+  """Step count, parameters, optimizer state and model state.
+
+  `model_state` holds the non-parameter collections of the model (BatchNorm
+  running averages, see `sam_jax.models.init`); `{}` for stateless models.
+  One seed, or stacked on a leading seed axis.
+  """
 
   step: Array  # int32 [] (or [S])
   params: Params
   opt_state: optax.OptState
+  model_state: dict = flax.struct.field(default_factory=dict)
 
 
 def make_optimizer(config: ConfigDict, steps_per_epoch: int):
@@ -77,10 +90,44 @@ def make_optimizer(config: ConfigDict, steps_per_epoch: int):
   )
 
 
+def _residual_net(m: ConfigDict, num_classes: int, act):
+  """ResNet-18 / WideResNet from `config.model` (fields with defaults)."""
+  norm = m.get("norm", "batch")
+  if norm not in models.NORMS:
+    raise ValueError(
+      f"config.model.norm must be one of {models.NORMS}, got {norm!r}"
+    )
+  ints = {"num_groups": 32}
+  if m.name == "resnet18":
+    ints["width"] = 64
+  else:
+    ints.update(depth=28, widen_factor=10)
+  for field, default in ints.items():
+    ints[field] = value = m.get(field, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(
+        f"config.model.{field} must be an int >= 1, got {value!r}"
+      )
+  net = dict(num_classes=num_classes, norm=norm, activation=act)
+  net["num_groups"] = ints.pop("num_groups")
+  if m.name == "resnet18":
+    w = ints["width"]
+    return models.ResNet18(widths=(w, 2 * w, 4 * w, 8 * w), **net)
+  return models.WideResNet(**ints, **net)
+
+
 def make_model(config: ConfigDict, num_classes: int):
-  """The flax model of `config.model` (`cnn1d` or `mlp`)."""
+  """The flax model of `config.model`.
+
+  `cnn1d`, `mlp`; `resnet18` (fields `norm` in batch/layer/group, default
+  batch; `width`, the first stage's width, default 64; `num_groups` for
+  GroupNorm, default 32) and `wrn` (WideResNet: `depth` 28, `widen_factor`
+  10, `norm`, `num_groups`).
+  """
   m = config.model
   act = activation(config)
+  if m.name in ("resnet18", "wrn"):
+    return _residual_net(m, num_classes, act)
   if m.name == "cnn1d":
     return models.CNN1D(
       channels=tuple(m.channels),
@@ -101,19 +148,40 @@ def make_train_step(
   model,
   tx: optax.GradientTransformation,
   loss_fn: Callable[[Array, Array], Array] = softmax_cross_entropy,
+  wrap_grad_fn: Callable[[Callable], Callable] | None = None,
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict]]:
   """`train_step(state, batch, key) -> (state, {"loss", "grad_norm"})`.
 
   Pure (jit and vmap it); `loss` is the clean data loss before the update.
+  `wrap_grad_fn` optionally wraps the method's gradient function, e.g.
+  `sam_jax.parallel.per_device` for a per-device SAM perturbation.
+
+  Model state (BatchNorm): every method's gradient uses batch statistics
+  and never reads or writes the running averages; they are updated once
+  per step from a clean training-mode pass at the unperturbed `params` on
+  the step's batch (`models.update_state`), so SAM's perturbed pass (or
+  weight noise, ...) never changes them. That pass repeats the clean
+  forward of the gradient inside the same jitted step; its cost is measured
+  in `benchmarks/train_throughput.py`.
   """
   grad_fn = methods.make_grad_fn(config, model, loss_fn)
+  if wrap_grad_fn is not None:
+    grad_fn = wrap_grad_fn(grad_fn)
 
   def train_step(state: TrainState, batch: Batch, key: Array):
     key = jax.random.fold_in(key, state.step)
     loss, grads = grad_fn(state.params, batch, key)
+    model_state = models.update_state(
+      model, state.params, state.model_state, batch[0]
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      model_state=model_state,
+    )
     return new, {"loss": loss, "grad_norm": global_norm(grads)}
 
   return train_step
@@ -338,6 +406,59 @@ def _raise_non_finite(out: dict, config: ConfigDict, epoch: int, seeds):
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _curvature_fn(model, curvature_items: tuple):
+  # Cached: runs of one process with the same model (e.g. a sweep over
+  # methods) share one compiled logging function.
+  obj = models.make_objective(model, softmax_cross_entropy)
+  return curvature_log.make_curvature_fn(
+    obj, dict(curvature_items), stacked_seeds=True
+  )
+
+
+def _curvature_logger(config, model, ds, seeds, workdir, start, steps):
+  """`log(params_S, epoch, last)`: appends to curvature.jsonl when due.
+
+  Off (a no-op) unless `config.curvature.every_epochs > 0`. The evaluation
+  set is the first `num_batches * batch_size` training examples with each
+  seed's training labels; the key is fixed, so events differ only by params.
+  Epoch 0 (the initialisation) is logged too.
+  """
+  cc = curvature_log.resolve_config(config.get("curvature"))
+  path = workdir / "curvature.jsonl"
+  kept = [r for r in _read_records(path) if r["epoch"] <= start]
+  _write_records(path, kept, "w")
+  if not cc.every_epochs:
+    return lambda params, epoch, last: None
+  n = cc.num_batches * cc.batch_size
+  if n > ds.x_train.shape[0]:
+    raise ValueError(
+      f"config.curvature: num_batches * batch_size = {n} exceeds the "
+      f"{ds.x_train.shape[0]} training examples"
+    )
+  shape = (cc.num_batches, cc.batch_size)
+  x = ds.x_train[:n].reshape(shape + ds.x_train.shape[1:])
+  y = ds.labels[:, :n].reshape((len(seeds),) + shape)
+  fn = _curvature_fn(model, tuple(sorted(cc.items())))
+  keys = jax.random.split(jax.random.PRNGKey(config.seed), len(seeds))
+
+  def log(params, epoch, last):
+    if epoch % cc.every_epochs and not last:
+      return
+    t = time.perf_counter()
+    stats = jax.block_until_ready(fn(params, (x, y), keys))
+    recs = curvature_log.to_records(
+      stats,
+      seeds,
+      epoch=epoch,
+      step=epoch * steps,
+      seconds=time.perf_counter() - t,
+    )
+    _write_records(path, recs, "a")
+
+  return log
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.num_seeds` seeds of `config.method`, evaluating per epoch.
 
@@ -353,6 +474,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       with another config.
     FloatingPointError: a non-finite loss, gradient or parameter.
   """
+  if config.data.name != "mnist1d":  # Image datasets: one seed, sharded.
+    from sam_jax import train_sharded
+
+    return train_sharded.train_and_evaluate(config, workdir)
   validate_config(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -378,6 +503,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # Drop metrics past the checkpoint: those epochs are run again.
   records = [r for r in _read_records(metrics_path) if r["epoch"] <= start]
   _write_records(metrics_path, records, "w")
+  log_curvature = _curvature_logger(
+    config, model, ds, seeds, workdir, start, steps_per_epoch
+  )
+  if not start:
+    log_curvature(states.params, 0, False)
 
   train_step = make_train_step(config, model, tx)
   epoch_fn = make_epoch_fn(train_step, n, batch_size)
@@ -411,6 +541,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       if epoch % config.checkpoint_every_epochs == 0 or last:
         ckpt.save(epoch, args=ocp.args.StandardSave(_host_copy(states)))
       epoch_times.append(time.perf_counter() - t_epoch)
+      log_curvature(states.params, epoch, last)
   finally:
     ckpt.wait_until_finished()
     ckpt.close()

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from sam_jax import activations, methods
+from sam_jax import activations, curvature_log, methods
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -36,21 +36,53 @@ def _is_num(v: Any) -> bool:
   return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
-def num_train_examples(config: ConfigDict) -> int:
-  """Training-set size implied by `config.data` (after the val split)."""
+# Image datasets read through tfds.data_source (`sam_jax.tfds_data`) and
+# trained by `sam_jax.train_sharded`.
+TFDS_DATASETS = ("cifar10", "cifar100", "fashion_mnist")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _validate_tfds(config: ConfigDict) -> None:
+  """Fields of the sharded image trainer (`sam_jax.train_sharded`)."""
   d = config.data
-  n = d.num_samples - int(round(d.test_fraction * d.num_samples))
-  return n - int(round(d.val_fraction * n)) if d.val_fraction else n
+  _check(
+    d.data_dir is None or isinstance(d.data_dir, str),
+    "data.data_dir",
+    d.data_dir,
+    "None or a path",
+  )
+  _check(isinstance(d.augment, bool), "data.augment", d.augment, "a bool")
+  _check(isinstance(d.in_memory, bool), "data.in_memory", d.in_memory, "a bool")
+  _check(
+    _is_int(d.eval_train_examples) and d.eval_train_examples >= 0,
+    "data.eval_train_examples",
+    d.eval_train_examples,
+    "an int >= 0",
+  )
+  n = config.num_devices
+  _check(
+    n is None or (_is_int(n) and n > 0),
+    "num_devices",
+    n,
+    "None (all devices) or a positive int",
+  )
+  _check(
+    isinstance(config.sam_per_device, bool),
+    "sam_per_device",
+    config.sam_per_device,
+    "a bool",
+  )
+  _check(
+    config.dtype in COMPUTE_DTYPES, "dtype", config.dtype, str(COMPUTE_DTYPES)
+  )
+  seeds = config.num_seeds
+  _check(seeds == 1, "num_seeds", seeds, "1 (one seed per run)")
+  v = config.checkpoint_every_steps
+  _check(_is_int(v) and v > 0, "checkpoint_every_steps", v, "a positive int")
 
 
-def validate_config(config: ConfigDict) -> None:
-  """Checks a training config before anything runs.
-
-  Raises:
-    ValueError: naming the first bad field, e.g. `config.rho`.
-  """
-  d, m = config.data, config.model
-  _check(d.name == "mnist1d", "data.name", d.name, "'mnist1d'")
+def _validate_mnist1d(config: ConfigDict) -> None:
+  d = config.data
   _check(
     _is_int(d.num_samples) and d.num_samples >= 10 and d.num_samples % 10 == 0,
     "data.num_samples",
@@ -69,6 +101,33 @@ def validate_config(config: ConfigDict) -> None:
     d.val_fraction,
     "in [0, 1)",
   )
+  v = config.checkpoint_every_epochs
+  _check(_is_int(v) and v > 0, "checkpoint_every_epochs", v, "a positive int")
+  n = num_train_examples(config)
+  _check(
+    config.batch_size <= n,
+    "batch_size",
+    config.batch_size,
+    f"at most the {n} training examples",
+  )
+
+
+def num_train_examples(config: ConfigDict) -> int:
+  """Training-set size implied by `config.data` (after the val split)."""
+  d = config.data
+  n = d.num_samples - int(round(d.test_fraction * d.num_samples))
+  return n - int(round(d.val_fraction * n)) if d.val_fraction else n
+
+
+def validate_config(config: ConfigDict) -> None:
+  """Checks a training config before anything runs.
+
+  Raises:
+    ValueError: naming the first bad field, e.g. `config.rho`.
+  """
+  d, m = config.data, config.model
+  names = ("mnist1d",) + TFDS_DATASETS
+  _check(d.name in names, "data.name", d.name, f"one of {names}")
   _check(
     _is_num(d.noise_rate) and 0 <= d.noise_rate < 1,
     "data.noise_rate",
@@ -77,8 +136,10 @@ def validate_config(config: ConfigDict) -> None:
   )
   kinds = ("symmetric", "asymmetric")
   _check(d.noise_kind in kinds, "data.noise_kind", d.noise_kind, str(kinds))
-  _check(m.name in ("cnn1d", "mlp"), "model.name", m.name, "'cnn1d' or 'mlp'")
+  model_names = ("cnn1d", "mlp", "resnet18", "wrn")
+  _check(m.name in model_names, "model.name", m.name, f"one of {model_names}")
   activation(config)
+  curvature_log.resolve_config(config.get("curvature"))
   for field in ("channels", "dense"):
     v = m[field]
     _check(
@@ -122,22 +183,18 @@ def validate_config(config: ConfigDict) -> None:
     "num_seeds",
     "eval_every_epochs",
     "eval_batch_size",
-    "checkpoint_every_epochs",
   ):
     v = config[field]
     _check(_is_int(v) and v > 0, field, v, "a positive int")
   _check(_is_int(config.seed), "seed", config.seed, "an int")
-  n = num_train_examples(config)
-  _check(
-    config.batch_size <= n,
-    "batch_size",
-    config.batch_size,
-    f"at most the {n} training examples",
-  )
   _check(
     _is_num(config.rho) and config.rho >= 0,
     "rho",
     config.rho,
     "a finite number >= 0",
   )
+  if d.name == "mnist1d":
+    _validate_mnist1d(config)
+  else:
+    _validate_tfds(config)
   methods.validate(config)

@@ -355,3 +355,17 @@ def test_load_tfds_errors(tmp_path):
   # An empty data_dir: an error at once, never a download.
   with pytest.raises(FileNotFoundError, match="ArrayRecord"):
     tfds_data.load_tfds("cifar10", "train", data_dir=tmp_path)
+
+
+def test_streamed_images_match_load_tfds():
+  with tfds.testing.mock_data(num_examples=10):
+    x, y = tfds_data.load_tfds("cifar10", "train")
+    source = tfds_data.open_tfds("cifar10", "train")
+    images = tfds_data.StreamedImages(source)
+    labels = tfds_data.read_labels(source)
+    idx = np.array([7, 2, 2, 9])
+    np.testing.assert_array_equal(images[idx], x[idx])
+    np.testing.assert_array_equal(images[3:6], x[3:6])
+  assert images.shape == x.shape and len(images) == 10
+  assert images[idx].dtype == np.uint8
+  np.testing.assert_array_equal(labels, y)

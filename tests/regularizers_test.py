@@ -94,17 +94,17 @@ def test_gradient_penalties(kind, squared):
   rg = regularizers.regularized_gradient
 
   def run(rho):
-    full = rg("gradient-penalty", pr.obj, pr.params, pr.batch, rho=rho,
+    full = rg("penalty", pr.obj, pr.params, pr.batch, rho=rho,
               squared=squared)  # fmt: skip
-    gn_only = rg("gn-gradient-penalty", pr.obj, pr.params, pr.batch,
+    gn_only = rg("penalty-gn", pr.obj, pr.params, pr.batch,
                  rho=rho, squared=squared)  # fmt: skip
     total, _ = regularizers.penalized_loss(
-      "gn-gradient-penalty", pr.obj, pr.params, pr.batch, rho=rho,
+      "penalty-gn", pr.obj, pr.params, pr.batch, rho=rho,
       squared=squared,
     )  # fmt: skip
     # The loss-term path (double backprop) of the full penalty.
     term = lambda w: regularizers.penalized_loss(
-      "gradient-penalty", pr.obj, w, pr.batch, rho=rho, squared=squared
+      "penalty", pr.obj, w, pr.batch, rho=rho, squared=squared
     )[0]
     term_grad = _flat(jax.grad(term)(pr.params))
     norm_fn = (lambda v: jnp.sum(v**2)) if squared else jnp.linalg.norm
@@ -153,7 +153,7 @@ def test_penalties_safe_at_zero_gradient():
       regularizers.regularized_gradient(
         name, obj, params, batch, rho=1.0, squared=squared
       )
-      for name in ("gradient-penalty", "gn-gradient-penalty")
+      for name in ("penalty", "penalty-gn")
       for squared in (False, True)
     ]
 
@@ -354,7 +354,7 @@ def test_sgd_reg_matches_written_out_objective():
 
 @pytest.mark.parametrize(
   "name, estimator",
-  [("hessian-trace", None), ("gn-trace", "jvp"), ("gn-trace", "sampled")],
+  [("trace-h", None), ("trace-gn", "jvp"), ("trace-gn", "sampled")],
 )
 def test_trace_penalties(name, estimator):
   # Value L + sigma^2/2 estimate (same key); gradient = derivative of the
@@ -378,7 +378,7 @@ def test_trace_penalties(name, estimator):
         num_probes=num, **hp,
       )  # fmt: skip
       (value, clean), grads = jax.value_and_grad(total, has_aux=True)(pr.flat)
-      if name == "hessian-trace":
+      if name == "trace-h":
         est = regularizers.hessian_trace(pr.obj, pr.params, pr.batch, key, num)
       else:
         est = regularizers.gn_trace(pr.obj, pr.params, pr.batch, key, num,
@@ -412,25 +412,25 @@ def test_bad_input():
   with pytest.raises(ValueError, match="valid"):
     rg("sharpness", obj, params, batch, rho=0.1)
   with pytest.raises(ValueError, match="rho"):
-    rg("gradient-penalty", obj, params, batch, rho=-0.1)
+    rg("penalty", obj, params, batch, rho=-0.1)
   with pytest.raises(ValueError, match="rho"):
-    rg("gradient-penalty", obj, params, batch)
+    rg("penalty", obj, params, batch)
   with pytest.raises(ValueError, match="sigma"):
     rg("weight-noise", obj, params, batch, key, sigma=-1.0)
   with pytest.raises(ValueError, match="sigma"):
-    rg("gn-trace", obj, params, batch, key, sigma=float("nan"))
+    rg("trace-gn", obj, params, batch, key, sigma=float("nan"))
   with pytest.raises(ValueError, match="sigmaa"):
     rg("weight-noise", obj, params, batch, key, sigmaa=1.0)
   with pytest.raises(ValueError, match="key"):
-    rg("hessian-trace", obj, params, batch, sigma=0.1)
+    rg("trace-h", obj, params, batch, sigma=0.1)
   with pytest.raises(ValueError, match="num_probes"):
-    rg("hessian-trace", obj, params, batch, key, sigma=0.1, num_probes=0)
+    rg("trace-h", obj, params, batch, key, sigma=0.1, num_probes=0)
   with pytest.raises(ValueError, match="squared"):
-    rg("gradient-penalty", obj, params, batch, rho=0.1, squared=1)
+    rg("penalty", obj, params, batch, rho=0.1, squared=1)
   with pytest.raises(ValueError, match="features_fn"):
     rg("sgd+reg", obj, params, batch, lambda_w=0.1)
   with pytest.raises(ValueError, match="estimator"):
-    rg("gn-trace", obj, params, batch, key, sigma=0.1, estimator="kfac")
+    rg("trace-gn", obj, params, batch, key, sigma=0.1, estimator="kfac")
   with pytest.raises(ValueError, match="softmax_cross_entropy"):
     regularizers.gn_trace(
       obj._replace(loss_fn=mse), params, batch, key, estimator="sampled-label"

@@ -47,12 +47,21 @@ class TinyCNN(nn.Module):
 
 
 class TinyLayerNormMLP(nn.Module):
-  """Has a LayerNorm, which the 1-SAM fast path does not know."""
+  """Has a per-example LayerNorm, which the 1-SAM fast path covers."""
 
   @nn.compact
   def __call__(self, x):
     x = nn.LayerNorm()(nn.gelu(nn.Dense(5)(x)))
     return nn.Dense(K, name="head")(x)
+
+
+class TinyGainMLP(nn.Module):
+  """Has a bare parameter (a gain), which the 1-SAM fast path does not know."""
+
+  @nn.compact
+  def __call__(self, x):
+    gain = self.param("gain", nn.initializers.ones, (5,))
+    return nn.Dense(K, name="head")(gain * nn.gelu(nn.Dense(5)(x)))
 
 
 def make_problem(module, seed=0):
@@ -146,7 +155,8 @@ def test_fast_path_used_only_where_it_is_exact():
   for module, expected in [
     (TinyMLP(), True),
     (TinyCNN(), True),
-    (TinyLayerNormMLP(), False),
+    (TinyLayerNormMLP(), True),
+    (TinyGainMLP(), False),
   ]:
     obj, params, batch = make_problem(module)
     plan = per_example.plan(obj.apply_fn, params, batch[0])
@@ -163,8 +173,9 @@ def test_fast_path_used_only_where_it_is_exact():
   assert per_example.plan(lambda w, x: x @ w, jnp.ones((D, K)), x) is None
 
 
-def test_fallback_for_unknown_layers_matches_reference():
-  obj, params, batch = make_problem(TinyLayerNormMLP())
+@pytest.mark.parametrize("module", [TinyGainMLP(), TinyLayerNormMLP()])
+def test_fallback_and_norm_layers_match_reference(module):
+  obj, params, batch = make_problem(module)
   for variant in sj.VARIANTS:
     _, grads = sam_gradient(
       obj, params, batch, RHO, variant=variant, group_size=1

@@ -89,9 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lambda_w = 0.0  # sgd+reg: lambda_w ||head kernel||^2.
   config.lambda_a = 0.0  # sgd+reg: lambda_a mean_i ||features_i||^2.
   # Penalties of sam_jax.regularizers (not used by this study's METHODS).
-  config.sigma = 0.0  # weight-noise, hessian-trace, gn-trace.
-  config.num_probes = 1  # hessian-trace, gn-trace.
-  config.estimator = "jvp"  # gn-trace.
+  config.sigma = 0.0  # weight-noise, trace-h, trace-gn.
+  config.num_probes = 1  # trace-h, trace-gn.
+  config.estimator = "jvp"  # trace-gn.
   config.squared = False  # gradient penalties: ||g||^2 instead of ||g||.
 
   # Data: MNIST-1D generated offline, symmetric label noise on the train set.

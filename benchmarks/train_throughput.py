@@ -1,0 +1,167 @@
+"""Training throughput (images/s) of SGD and the SAM variants on ResNet-18.
+
+    python -m benchmarks.train_throughput [--batch 128] [--width 64]
+        [--reps 5] [--steps 3] [--tiny]
+
+Each row is the trainer's own step (`sam_jax.train.make_train_step`: the
+method's gradient, the BatchNorm state update, momentum SGD with weight
+decay), jitted with donated state, on random 32x32x3 images and 10 classes.
+Rows are timed interleaved (round-robin over repetitions) in one process;
+the table gives images/s from the median step time, the median and range
+of the step time over repetitions, and the ratio of the median to the SGD
+step of the same network.
+
+Networks: ResNet-18 with BatchNorm (SGD, n-SAM and its logit/Jacobian
+variants) and with LayerNorm, the paper's network for per-example SAM
+(everything, 1-SAM included). `sgd w/o BN stats update` runs the BN step
+with an empty model state, so the difference to `sgd` is the cost of the
+clean forward pass that updates the running averages (XLA may share it
+with the gradient's forward pass). `--width` is the first stage's width
+(64 is ResNet-18); `--tiny` runs width 4, batch 8, 1 rep (a smoke test).
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sam_jax import models, train
+
+# label -> (norm, method, group_size); rho is 0.05 for every SAM row.
+ROWS = {
+  "sgd (BN)": ("batch", "sgd", None),
+  "sgd w/o BN stats update (BN)": ("batch", "sgd", None),
+  "sam (BN)": ("batch", "sam", None),
+  "l-sam (BN)": ("batch", "l-sam", None),
+  "j-sam (BN)": ("batch", "j-sam", None),
+  "sgd (LN)": ("layer", "sgd", None),
+  "sam (LN)": ("layer", "sam", None),
+  "l-sam (LN)": ("layer", "l-sam", None),
+  "j-sam (LN)": ("layer", "j-sam", None),
+  "1-sam (LN)": ("layer", "sam", 1),
+  "l-sam(1) (LN)": ("layer", "l-sam", 1),
+  "j-sam(1) (LN)": ("layer", "j-sam", 1),
+}
+NUM_CLASSES = 10
+
+
+def make_config(method: str, group_size, batch: int, width: int, norm: str):
+  return ml_collections.ConfigDict(
+    dict(
+      method=method,
+      rho=0.05,
+      group_size=group_size,
+      adaptive=False,
+      batch_size=batch,
+      learning_rate=0.01,
+      momentum=0.9,
+      weight_decay=5e-4,
+      schedule="constant",
+      num_epochs=1,
+      model=dict(
+        name="resnet18", norm=norm, width=width, activation="relu", beta=1.0
+      ),
+    )
+  )
+
+
+def make_run(label: str, batch: int, width: int, x):
+  """A jitted, donated `state -> state` step and its initial state."""
+  norm, method, group_size = ROWS[label]
+  config = make_config(method, group_size, batch, width, norm)
+  model = train.make_model(config, NUM_CLASSES)
+  tx = train.make_optimizer(config, steps_per_epoch=1)
+  params, model_state = models.init(model, jax.random.key(0), x[:1])
+  if "w/o BN stats update" in label:
+    model_state = {}
+  state = train.TrainState(
+    jnp.zeros([], jnp.int32), params, tx.init(params), model_state
+  )
+  step = jax.jit(train.make_train_step(config, model, tx), donate_argnums=0)
+  return step, state
+
+
+def run_steps(step, state, batch, key, n: int):
+  """`n` steps, then wait for the device; returns the last state."""
+  for _ in range(n):
+    state, out = step(state, batch, key)
+  jax.block_until_ready(out)
+  return state
+
+
+def bench(labels, batch: int, width: int, reps: int, steps: int):
+  """`{label: {"times": [s per step, per rep], "compile_s": first step}}`."""
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (batch, 32, 32, 3))
+  data = (x, jax.random.randint(key, (batch,), 0, NUM_CLASSES))
+  states, steps_fns, out = {}, {}, {}
+  for label in labels:
+    steps_fns[label], state = make_run(label, batch, width, x)
+    t0 = time.perf_counter()
+    states[label] = run_steps(steps_fns[label], state, data, key, 1)
+    out[label] = dict(compile_s=time.perf_counter() - t0, times=[])
+  for _ in range(reps):  # round-robin: load changes hit every row alike
+    for label in labels:
+      t0 = time.perf_counter()
+      states[label] = run_steps(
+        steps_fns[label], states[label], data, key, steps
+      )
+      out[label]["times"].append((time.perf_counter() - t0) / steps)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--tiny", action="store_true")
+  parser.add_argument(
+    "--rows", default="", help="comma-separated row labels (default: all)"
+  )
+  args = parser.parse_args()
+  if args.tiny:
+    args.batch, args.width, args.reps, args.steps = 8, 4, 1, 1
+  labels = [r.strip() for r in args.rows.split(",") if r.strip()] or list(ROWS)
+  for label in labels:
+    if label not in ROWS:
+      parser.error(f"unknown row {label!r}; valid: {list(ROWS)}")
+  runs = bench(labels, args.batch, args.width, args.reps, args.steps)
+  print(
+    f"# ResNet-18 (width {args.width}), batch {args.batch} of 32x32x3, "
+    f"medians of {args.reps} interleaved reps x {args.steps} steps"
+  )
+  print(
+    f"# {datetime.date.today()}, {platform.processor() or platform.machine()}"
+    f", {os.cpu_count()} cores, jax {jax.__version__} "
+    f"({jax.default_backend()}: {jax.devices()[0].device_kind})"
+  )
+  print(
+    "\n| step | images/s | step ms (min-max over reps) | / SGD step | "
+    "compile s |"
+  )
+  print("|---|---:|---:|---:|---:|")
+  for label in labels:
+    med = statistics.median(runs[label]["times"])
+    sgd_label = "sgd (BN)" if label.endswith("(BN)") else "sgd (LN)"
+    ratio = "-"
+    if sgd_label in runs:
+      ratio = f"{med / statistics.median(runs[sgd_label]['times']):.2f}"
+    lo, hi = min(runs[label]["times"]), max(runs[label]["times"])
+    print(
+      f"| {label} | {args.batch / med:.1f} | {med * 1e3:.0f} "
+      f"({lo * 1e3:.0f}-{hi * 1e3:.0f}) | {ratio} | "
+      f"{runs[label]['compile_s']:.1f} |"
+    )
+
+
+if __name__ == "__main__":
+  jnp.zeros(()).block_until_ready()
+  main()
