@@ -1,0 +1,54 @@
+"""The result of one theory check and the table `python -m theory` prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+  """One row of the theory table.
+
+  Attributes:
+    claim: the statement checked, in a few words.
+    measured: what was computed, as a short string (numbers with their spread
+      where they are random).
+    predicted: what the theory says, as a short string.
+    error: the size of the disagreement (relative or absolute, as `claim`
+      says); nan where the check is qualitative.
+    tolerance: the largest `error` that passes.
+    passed: whether the claim holds; usually `error <= tolerance`, but a check
+      may set it from a qualitative condition.
+    figure: path of a saved figure, if any.
+  """
+
+  claim: str
+  measured: str
+  predicted: str
+  error: float
+  tolerance: float
+  passed: bool
+  figure: str | None = None
+
+
+def within(claim: str, measured: str, predicted: str, error: float,
+           tolerance: float, figure: str | None = None) -> CheckResult:
+  """A result that passes when `error <= tolerance` (and is finite)."""
+  error = float(error)
+  passed = math.isfinite(error) and error <= tolerance
+  return CheckResult(claim, measured, predicted, error, float(tolerance),
+                     passed, figure)
+
+
+def format_table(results: Sequence[CheckResult]) -> str:
+  """A markdown table: claim | measured | predicted | error | tol | pass."""
+  header = "| claim | measured | predicted | error | tolerance | pass |"
+  rule = "|---|---|---|---:|---:|---|"
+  rows = [
+    f"| {r.claim} | {r.measured} | {r.predicted} | {r.error:.2e} "
+    f"| {r.tolerance:.0e} | {'PASS' if r.passed else 'FAIL'} |"
+    for r in results
+  ]
+  return "\n".join([header, rule, *rows])
