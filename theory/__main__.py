@@ -21,10 +21,12 @@ MODULES = (linear_logistic, two_layer_linear, hessian)
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m theory")
-  parser.add_argument("--out", default="docs/theory",
-                      help="directory for figures and table.md")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes (what the tests run)")
+  parser.add_argument(
+    "--out", default="docs/theory", help="directory for figures and table.md"
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="tiny sizes (what the tests run)"
+  )
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -36,8 +38,10 @@ def main(argv=None) -> int:
   table = format_table(results)
   seconds = time.time() - start
   print(table)
-  print(f"\n{sum(r.passed for r in results)}/{len(results)} passed "
-        f"in {seconds:.0f} s")
+  print(
+    f"\n{sum(r.passed for r in results)}/{len(results)} passed "
+    f"in {seconds:.0f} s"
+  )
   (out / "table.md").write_text(table + "\n")
   return 0 if all(r.passed for r in results) else 1
 

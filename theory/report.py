@@ -33,21 +33,33 @@ class CheckResult:
   figure: str | None = None
 
 
-def within(claim: str, measured: str, predicted: str, error: float,
-           tolerance: float, figure: str | None = None) -> CheckResult:
+def within(
+  claim: str,
+  measured: str,
+  predicted: str,
+  error: float,
+  tolerance: float,
+  figure: str | None = None,
+) -> CheckResult:
   """A result that passes when `error <= tolerance` (and is finite)."""
   error = float(error)
   passed = math.isfinite(error) and error <= tolerance
-  return CheckResult(claim, measured, predicted, error, float(tolerance),
-                     passed, figure)
+  return CheckResult(
+    claim, measured, predicted, error, float(tolerance), passed, figure
+  )
 
 
 def format_table(results: Sequence[CheckResult]) -> str:
   """A markdown table: claim | measured | predicted | error | tol | pass."""
   header = "| claim | measured | predicted | error | tolerance | pass |"
   rule = "|---|---|---|---:|---:|---|"
+
+  def cell(text: str) -> str:
+    return text.replace("|", "\\|")  # A bare | would split the cell.
+
   rows = [
-    f"| {r.claim} | {r.measured} | {r.predicted} | {r.error:.2e} "
+    f"| {cell(r.claim)} | {cell(r.measured)} | {cell(r.predicted)} "
+    f"| {r.error:.2e} "
     f"| {r.tolerance:.0e} | {'PASS' if r.passed else 'FAIL'} |"
     for r in results
   ]
