@@ -11,8 +11,8 @@ rho of `RHOS`; `sweep()` returns `label -> overrides` with labels
 `<group>@<rho>`; `BASE` holds the shared overrides and `TINY` the shrunk
 setting of the tests.
 
-Runtime (measured 2026-11-23): 547 s (9 min) for the 27 runs, on 2 CPU cores
-shared with 3 other jobs (load ~7); alone it is shorter. Each run compiles once
+Runtime (measured 2026-11-23): 96 s for the 27 runs on 2 idle CPU cores
+(547 s while sharing them with 3 other jobs, load ~7). Each run compiles once
 and then trains in well under a second per epoch."""
 
 GROUPS = {

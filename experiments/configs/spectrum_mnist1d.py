@@ -7,9 +7,9 @@ NME of seed 0 is computed at initialisation, mid-training and the end on a
 fixed set of `SLQ["num_batches"] x SLQ["batch_size"]` training examples.
 
 `RUNS` maps a label to its overrides, `BASE` the shared ones, `TINY` the shrunk
-setting of the tests. Runtime (measured 2026-11-23): 273 s for the 4 runs and 36
-SLQ densities, on 2 CPU cores shared with 3 other jobs (load ~7); alone it is
-shorter. Each run compiles once and then trains in well under a second per
+setting of the tests. Runtime (measured 2026-11-23): 57 s for the 4 runs and 36
+SLQ densities on 2 idle CPU cores (273 s while sharing them with 3 other jobs,
+load ~7). Each run compiles once and then trains in well under a second per
 epoch."""
 
 from experiments.configs import activation_penalty_mnist1d
