@@ -196,6 +196,14 @@ def _define_flags() -> None:
   )
 
 
+LEGEND = """\
+Accuracies in %, mean ± std over the seeds (population std; README's table
+gives the sample std). best test: peak test accuracy over epochs (early
+stopping), at 'best epoch'; final test: the last epoch. clean / noisy train:
+final training accuracy on the examples whose label was kept / flipped,
+measured against the (noisy) training label, i.e. how much noise is
+memorised. Per-method metrics and plots: see the workdir."""
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -211,6 +219,7 @@ def main(argv):
     return
   summary = run_all(FLAGS.workdir, FLAGS.labels, overrides)
   print(report.format_table(summary["methods"]))
+  print(LEGEND)
   print(
     f"total runtime {summary['runtime_s']:.0f} s; outputs in {FLAGS.workdir}"
   )
