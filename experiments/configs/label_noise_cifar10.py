@@ -19,16 +19,16 @@ Prepare CIFAR-10 once on a machine with internet access (see
   --config.sam_per_device=True (m-SAM with m = 128 / devices)
   --config.data.augment=True; multi-host: add --distributed.
 
-Expected runtime: an ESTIMATE from FLOPs, not measured (no GPU was
-available). XLA's cost analysis of this model (ResNet-18-LN, 11.2M
-parameters) counts 0.97 GFLOP per 32x32 image for the forward pass and 2.9
-GFLOP for an SGD step, so ~145 TFLOP per epoch of 50k images. At an assumed
-effective 10 TFLOP/s (10-20% of a modern GPU's dense float32/TF32 peak: at
-batch 128, ResNet-18 and LayerNorm are far from compute-bound) that is
-~15 s per epoch and ~50 min for 200 epochs of SGD; SAM, L-SAM and J-SAM do
-two passes (~2x, ~1.6 h), 1-SAM up to ~3x (~2.5 h; `benchmarks/` measures
-the step-time ratios). bfloat16 (`--config.dtype=bfloat16`) should be
-faster; not measured either.
+Expected runtime: an ESTIMATE from FLOPs, not measured (no GPU was available).
+XLA's cost analysis of this model (ResNet-18-LN, 11.2M parameters; `python -m
+benchmarks.model_flops`) counts 0.97 GFLOP per 32x32 image for the forward
+pass and 2.9 GFLOP for an SGD step, so ~145 TFLOP per epoch of 50k images. At
+an assumed effective 10 TFLOP/s (10-20% of a modern GPU's dense float32/TF32
+peak: at batch 128, ResNet-18 and LayerNorm are far from compute-bound) that
+is ~15 s per epoch and ~50 min for 200 epochs of SGD; SAM, L-SAM and J-SAM do
+two passes (~2x, ~1.6 h), 1-SAM up to ~3x (~2.5 h; `benchmarks/` measures the
+step-time ratios). bfloat16 (`--config.dtype=bfloat16`) should be faster; not
+measured either.
 
 The paper's numbers to compare against (PAPERS.md A6, best test accuracy
 over training; the table is second-hand and not verified; our settings for
@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.lambda_a = 0.0  # sgd+reg: lambda_a mean_i ||features_i||^2.
   config.sigma = 0.0  # weight-noise, trace penalties.
   config.num_probes = 1  # trace penalties.
-  config.estimator = "jvp"  # gn-trace.
+  config.estimator = "jvp"  # trace-gn.
   config.squared = False  # gradient penalties: ||g||^2 instead of ||g||.
 
   # Data: CIFAR-10 through tfds.data_source, symmetric noise on train.
