@@ -97,23 +97,29 @@ def _residual_net(m: ConfigDict, num_classes: int, act):
     raise ValueError(
       f"config.model.norm must be one of {models.NORMS}, got {norm!r}"
     )
-  ints = {"num_groups": 32}
-  if m.name == "resnet18":
-    ints["width"] = 64
-  else:
-    ints.update(depth=28, widen_factor=10)
-  for field, default in ints.items():
-    ints[field] = value = m.get(field, default)
+
+  def positive_int(field, default):
+    value = m.get(field, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(
         f"config.model.{field} must be an int >= 1, got {value!r}"
       )
-  net = dict(num_classes=num_classes, norm=norm, activation=act)
-  net["num_groups"] = ints.pop("num_groups")
+    return value
+
+  net = dict(
+    num_classes=num_classes,
+    norm=norm,
+    activation=act,
+    num_groups=positive_int("num_groups", 32),
+  )
   if m.name == "resnet18":
-    w = ints["width"]
+    w = positive_int("width", 64)
     return models.ResNet18(widths=(w, 2 * w, 4 * w, 8 * w), **net)
-  return models.WideResNet(**ints, **net)
+  return models.WideResNet(
+    depth=positive_int("depth", 28),
+    widen_factor=positive_int("widen_factor", 10),
+    **net,
+  )
 
 
 def make_model(config: ConfigDict, num_classes: int):
@@ -376,6 +382,13 @@ def _write_records(path: pathlib.Path, records: list[dict], mode: str) -> None:
       f.write(json.dumps(r) + "\n")
 
 
+def _drop_records_after(path: pathlib.Path, epoch: int) -> None:
+  """Rewrites a JSONL log without its records past `epoch` (a resume runs
+  those epochs again)."""
+  kept = [r for r in _read_records(path) if r["epoch"] <= epoch]
+  _write_records(path, kept, "w")
+
+
 def _host_copy(tree: Any) -> Any:
   # A real copy: the device buffers are donated to the next epoch while
   # orbax may still be writing asynchronously.
@@ -426,8 +439,7 @@ def _curvature_logger(config, model, ds, seeds, workdir, start, steps):
   """
   cc = curvature_log.resolve_config(config.get("curvature"))
   path = workdir / "curvature.jsonl"
-  kept = [r for r in _read_records(path) if r["epoch"] <= start]
-  _write_records(path, kept, "w")
+  _drop_records_after(path, start)
   if not cc.every_epochs:
     return lambda params, epoch, last: None
   n = cc.num_batches * cc.batch_size
@@ -501,8 +513,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, states)
     states = ckpt.restore(start, args=ocp.args.StandardRestore(abstract))
   # Drop metrics past the checkpoint: those epochs are run again.
-  records = [r for r in _read_records(metrics_path) if r["epoch"] <= start]
-  _write_records(metrics_path, records, "w")
+  _drop_records_after(metrics_path, start)
   log_curvature = _curvature_logger(
     config, model, ds, seeds, workdir, start, steps_per_epoch
   )
