@@ -17,13 +17,13 @@ from experiments.configs import activation_penalty_mnist1d as cfg
 
 
 def main(argv) -> dict:
-  workdir, base = runner.parse_cli(argv, cfg.BASE, cfg.TINY)
+  workdir, base, tiny = runner.parse_cli(argv, cfg.BASE, cfg.TINY)
   runs = (
-    cfg.sweep()
-    if "--tiny" not in argv
-    else cfg.sweep(
+    cfg.sweep(
       ("sam-gelu", "psam-relu", "psam-relu-synthetic-nme"), cfg.RHOS[:2]
     )
+    if tiny
+    else cfg.sweep()
   )
   summary, text = runner.run_and_report(
     workdir,

@@ -72,15 +72,23 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
   return out
 
 
-def make_config(label: str, overrides: dict[str, Any] | None = None):
-  """`get_config(label)` with dotted `overrides` applied."""
+def make_config(
+  label: str,
+  overrides: dict[str, Any] | None = None,
+  new_fields: Sequence[str] = (),
+):
+  """`get_config(label)` with dotted `overrides` applied.
+
+  An override of a field the config lacks is an error (a typo would be
+  silently ignored), except for the dotted names in `new_fields`.
+  """
   config = base.get_config(label)
   for field, value in (overrides or {}).items():
     *parents, leaf = field.split(".")
     node = config
     for p in parents:
       node = node[p]
-    if leaf not in node:
+    if leaf not in node and field not in new_fields:
       raise ValueError(f"--set: unknown config field {field!r}")
     node[leaf] = value
   return config

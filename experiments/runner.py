@@ -20,19 +20,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import label_noise  # noqa: E402
+from experiments import label_noise, report  # noqa: E402
 
 
 def make_config(overrides: dict[str, Any]):
-  """The label-noise config (method sgd) with dotted `overrides` applied."""
-  config = label_noise.make_config("sgd", {})
-  for field, value in overrides.items():
-    *parents, leaf = field.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value  # New fields (e.g. curvature) are allowed.
-  return config
+  """The label-noise config (method sgd) with dotted `overrides` applied; the
+  `curvature` block is the one field they may add."""
+  return label_noise.make_config("sgd", overrides, new_fields=("curvature",))
 
 
 def run_sweep(
@@ -141,16 +135,19 @@ def run_and_report(
   return summary, text
 
 
-def parse_cli(argv: Sequence[str], base: dict, tiny: dict) -> tuple[str, dict]:
-  """`--workdir=DIR [--tiny] [--set field=value ...]` -> (workdir, base)."""
-  workdir, overrides = None, []
+def parse_cli(
+  argv: Sequence[str], base: dict, tiny: dict
+) -> tuple[str, dict, bool]:
+  """`--workdir=DIR [--tiny] [--set field=value ...]` -> (workdir, base,
+  whether --tiny was given)."""
+  workdir, overrides, is_tiny = None, [], False
   args = list(argv)
   while args:
     a = args.pop(0)
     if a.startswith("--workdir="):
       workdir = a.split("=", 1)[1]
     elif a == "--tiny":
-      base = {**base, **tiny}
+      base, is_tiny = {**base, **tiny}, True
     elif a == "--set":
       overrides.append(args.pop(0))
     elif a.startswith("--set="):
@@ -159,7 +156,7 @@ def parse_cli(argv: Sequence[str], base: dict, tiny: dict) -> tuple[str, dict]:
       raise ValueError(f"unknown argument {a!r}")
   if workdir is None:
     raise ValueError("--workdir=DIR is required")
-  return workdir, {**base, **label_noise.parse_overrides(overrides)}
+  return workdir, {**base, **label_noise.parse_overrides(overrides)}, is_tiny
 
 
 def load_curvature(run_dir) -> list[dict]:
@@ -170,18 +167,6 @@ def load_curvature(run_dir) -> list[dict]:
   return [json.loads(x) for x in path.read_text().splitlines() if x]
 
 
-def curvature_curves(records: Sequence[dict], key: str):
-  """`(epochs, mean, std)` of a scalar curvature field over seeds."""
-  epochs = sorted({r["epoch"] for r in records})
-  vals = [[r[key] for r in records if r["epoch"] == e] for e in epochs]
-  v0 = [np.asarray(v, float) for v in vals]
-  return (
-    np.asarray(epochs),
-    np.array([v.mean() for v in v0]),
-    np.array([v.std() for v in v0]),
-  )
-
-
 def plot_curvature(runs: dict[str, list], keys: Sequence[str], path) -> None:
   """One panel per curvature field, one line per run (mean ± std)."""
   fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8))
@@ -189,7 +174,7 @@ def plot_curvature(runs: dict[str, list], keys: Sequence[str], path) -> None:
     for label, recs in runs.items():
       if not recs:
         continue
-      e, m, sd = curvature_curves(recs, key)
+      e, m, sd = report.curves(recs, key)
       ax.plot(e, m, marker=".", label=label)
       ax.fill_between(e, m - sd, m + sd, alpha=0.2)
     ax.set_title(key)

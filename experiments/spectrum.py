@@ -147,8 +147,8 @@ def compact(summary: dict, every: int = 4) -> dict:
 
 
 def main(argv) -> dict:
-  workdir, base = runner.parse_cli(argv, cfg.BASE, cfg.TINY)
-  slq = cfg.TINY_SLQ if "--tiny" in argv else cfg.SLQ
+  workdir, base, tiny = runner.parse_cli(argv, cfg.BASE, cfg.TINY)
+  slq = cfg.TINY_SLQ if tiny else cfg.SLQ
   root = pathlib.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()

@@ -17,8 +17,8 @@ from experiments.configs import weight_noise_mnist1d as cfg
 
 
 def main(argv) -> dict:
-  workdir, base = runner.parse_cli(argv, cfg.BASE, cfg.TINY)
-  sigma2 = cfg.SIGMA2 if "--tiny" not in argv else cfg.SIGMA2[-1:]
+  workdir, base, tiny = runner.parse_cli(argv, cfg.BASE, cfg.TINY)
+  sigma2 = cfg.SIGMA2[-1:] if tiny else cfg.SIGMA2
   runs = cfg.sweep(sigma2=sigma2)
   summary, text = runner.run_and_report(
     workdir,

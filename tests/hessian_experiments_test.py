@@ -157,3 +157,12 @@ def test_spectrum_runner_tiny(tmp_path):
     == (summary["spectra"]["sam-relu"]["init"])
   )
   assert (tmp_path / "spectrum.png").stat().st_size > 0
+
+
+def test_runner_config_rejects_unknown_fields_but_takes_curvature():
+  from experiments import runner
+
+  config = runner.make_config({"curvature": dict(every_epochs=1)})
+  assert config.curvature.every_epochs == 1
+  with pytest.raises(ValueError, match="num_epoch"):
+    runner.make_config({"num_epoch": 3})

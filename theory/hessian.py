@@ -38,7 +38,7 @@ from jax import flatten_util
 
 from sam_jax import activations, curvature, spectral
 from sam_jax.objective import Objective, mse, softmax_cross_entropy
-from theory.report import CheckResult, within
+from theory.report import CheckResult, pyplot, save_figure, within
 
 Array = jax.Array
 
@@ -511,25 +511,8 @@ def check_beta_gelu_concentration(
   )
 
 
-def _pyplot():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
-def _save(fig, out_dir: pathlib.Path, name: str) -> pathlib.Path:
-  fig.tight_layout()
-  path = pathlib.Path(out_dir) / name
-  fig.savefig(path, dpi=120)
-  _pyplot().close(fig)
-  return path
-
-
 def plot_concentration(m: Concentration, out_dir: pathlib.Path):
-  plt = _pyplot()
+  plt = pyplot()
   fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
   for beta, u, cum in zip(m.betas, m.abs_u, m.cum_mass):
     (line,) = ax0.plot(u, cum, label=f"beta={beta:g}")
@@ -549,7 +532,8 @@ def plot_concentration(m: Concentration, out_dir: pathlib.Path):
   ax1.set(xlabel="beta", ylabel=f"|u| holding {m.mass:.0%} of the mass",
           title=f"width vs beta (slope {m.slope:.2f})")  # fmt: skip
   ax1.legend()
-  return _save(fig, out_dir, "hessian_beta_gelu_concentration.png")
+  path = pathlib.Path(out_dir, "hessian_beta_gelu_concentration.png")
+  return save_figure(fig, path)
 
 
 # -------------------------------------------------------------- weight noise
@@ -716,7 +700,7 @@ def weight_noise_row(
 
 
 def plot_weight_noise(m: WeightNoise, out_dir: pathlib.Path):
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.errorbar(
     m.sigmas,
@@ -732,7 +716,7 @@ def plot_weight_noise(m: WeightNoise, out_dir: pathlib.Path):
          ylabel="(E L(w + delta) - L(w)) / sigma^2",
          title="weight noise vs the trace expansion (tanh MLP)")  # fmt: skip
   ax.legend()
-  return _save(fig, out_dir, "hessian_weight_noise.png")
+  return save_figure(fig, pathlib.Path(out_dir, "hessian_weight_noise.png"))
 
 
 # ------------------------------------------------------------------- run_all

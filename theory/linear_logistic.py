@@ -30,7 +30,7 @@ import numpy as np
 
 import sam_jax as sj
 from sam_jax import data, models
-from theory.report import CheckResult, within
+from theory.report import CheckResult, pyplot, save_figure, within
 
 Array = jax.Array
 
@@ -105,6 +105,11 @@ def _sd(v: np.ndarray) -> float:
 def mean_sd(v: np.ndarray) -> str:
   """`mean±sd` over seeds, 3 decimals."""
   return f"{np.mean(v):.3f}±{_sd(v):.3f}"
+
+
+def masked_mean(v: Array, mask: Array) -> Array:
+  """Mean of `v` over the entries where `mask` is True (clean or noisy)."""
+  return jnp.sum(v * mask) / jnp.sum(mask)
 
 
 def signs(y: Array) -> Array:
@@ -310,16 +315,16 @@ def train_one_sam(
   """
   t_B, t_test = signs(mix.y), signs(mix.y_test)
   clean_B = ~mix.noisy
-  mean_over = lambda v, mask: jnp.sum(v * mask) / jnp.sum(mask)
 
   def record(w_D):
     norm_B = jnp.linalg.norm(per_example_sam(w_D, mix.x, t_B, rho), axis=1)
     fit_B = correct(t_B * (mix.x @ w_D))
+    ratio = masked_mean(norm_B, clean_B) / masked_mean(norm_B, mix.noisy)
     return Curves(
       test_acc=jnp.mean(correct(t_test * (mix.x_test @ w_D))),
-      weight_ratio=mean_over(norm_B, clean_B) / mean_over(norm_B, mix.noisy),
-      train_acc_clean=mean_over(fit_B, clean_B),
-      train_acc_noisy=mean_over(fit_B, mix.noisy),
+      weight_ratio=ratio,
+      train_acc_clean=masked_mean(fit_B, clean_B),
+      train_acc_noisy=masked_mean(fit_B, mix.noisy),
     )
 
   def step(_, w_D):
@@ -379,11 +384,7 @@ def paired_ci(diff_S: np.ndarray) -> tuple[float, float]:
 
 
 def _plot(curves: Curves, rhos, log_every: int, title: str, path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = pyplot()
   steps = log_every * np.arange(curves.test_acc.shape[-1])
   fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
   panels = [
@@ -404,9 +405,7 @@ def _plot(curves: Curves, rhos, log_every: int, title: str, path) -> None:
   axes[1].set_xscale("symlog", linthresh=10)
   axes[0].legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, path, dpi=110)
 
 
 def check_label_noise(

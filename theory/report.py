@@ -1,9 +1,11 @@
-"""The result of one theory check and the table `python -m theory` prints."""
+"""The result of one theory check, the table `python -m theory` prints, and
+the figure helpers the check modules share."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from collections.abc import Sequence
 
 
@@ -64,3 +66,22 @@ def format_table(results: Sequence[CheckResult]) -> str:
     for r in results
   ]
   return "\n".join([header, rule, *rows])
+
+
+def pyplot():
+  """`matplotlib.pyplot` on the file-only Agg backend (imported lazily)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def save_figure(fig, path, dpi: int = 120) -> pathlib.Path:
+  """Lays out `fig`, writes it to `path` and closes it; returns the path."""
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=dpi)
+  pyplot().close(fig)
+  return path

@@ -38,13 +38,14 @@ from theory.linear_logistic import (
   IDENTITY_TOL,
   Mixture,
   correct,
+  masked_mean,
   mean_sd,
   paired_ci,
   rel_err,
   signs,
   stacked_mixtures,
 )
-from theory.report import CheckResult, within
+from theory.report import CheckResult, pyplot, save_figure, within
 
 Array = jax.Array
 
@@ -222,7 +223,6 @@ def train(
   model, obj = make_objective(1, hidden)
   t_B, t_test = signs(mix.y), signs(mix.y_test)
   batch = (mix.x, t_B)
-  mean_over = lambda v, mask: jnp.sum(v * mask) / jnp.sum(mask)
 
   def gradient(p):
     if method == "jsam":
@@ -247,8 +247,8 @@ def train(
       test_acc=jnp.mean(correct(t_test * obj.apply_fn(p, mix.x_test)[:, 0])),
       head_norm=jnp.linalg.norm(p["head"]["kernel"]),
       feature_norm=jnp.mean(jnp.linalg.norm(feats, axis=1)),
-      train_acc_clean=mean_over(fit_B, ~mix.noisy),
-      train_acc_noisy=mean_over(fit_B, mix.noisy),
+      train_acc_clean=masked_mean(fit_B, ~mix.noisy),
+      train_acc_noisy=masked_mean(fit_B, mix.noisy),
       a4_weight_w=weight_w,
       a4_weight_a=weight_a,
     )
@@ -337,11 +337,7 @@ def run_methods(
 
 
 def _plot(curves: dict[str, Curves], title: str, path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = pyplot()
   fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
   panels = [
     ("test accuracy (clean labels)", "test_acc"),
@@ -361,9 +357,7 @@ def _plot(curves: dict[str, Curves], title: str, path) -> None:
     ax.set_xlabel("step")
   axes[0].legend(fontsize=7)
   fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, path, dpi=110)
 
 
 def _max_rel_dev(a_SxT, b_SxT):

@@ -35,8 +35,7 @@ import ml_collections
 
 from experiments.configs import label_noise_cifar10
 
-# Each label: the method (`sam_jax.methods`; issue #7 calls them penalty =
-# penalty, penalty-gn = penalty-gn) and the activation
+# Each label: the method (`sam_jax.methods`) and the activation
 # (`sam_jax.activations`).
 METHODS = {
   "sam-relu": dict(method="sam", activation="relu"),

@@ -36,8 +36,7 @@ import ml_collections
 
 from experiments.configs import label_noise_cifar10
 
-# Each label's method (`sam_jax.methods`; issue #7 calls them trace-h =
-# trace-h, trace-gn = trace-gn).
+# Each label's method (`sam_jax.methods`) and its own fields.
 METHODS = {
   "sgd": dict(method="sgd"),
   "weight-noise": dict(method="weight-noise"),
