@@ -166,11 +166,9 @@ def per_device(
     return jax.tree.map(lambda o: jax.lax.pmean(o, DATA), out)
 
   def wrapped(*args):
+    # One spec per argument, a prefix of its pytree.
     specs = tuple(
       P(DATA) if i == batch_argnum else P() for i in range(len(args))
-    )
-    specs = tuple(
-      jax.tree.map(lambda _, s=s: s, a) for a, s in zip(args, specs)
     )
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from sam_jax import activations, curvature_log, methods
+from sam_jax import activations, curvature_log, methods, parallel, tfds_data
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -38,8 +38,8 @@ def _is_num(v: Any) -> bool:
 
 # Image datasets read through tfds.data_source (`sam_jax.tfds_data`) and
 # trained by `sam_jax.train_sharded`.
-TFDS_DATASETS = ("cifar10", "cifar100", "fashion_mnist")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+TFDS_DATASETS = tuple(tfds_data.NUM_CLASSES)
+COMPUTE_DTYPES = tuple(parallel.DTYPES)
 
 
 def _validate_tfds(config: ConfigDict) -> None:

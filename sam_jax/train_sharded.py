@@ -169,17 +169,20 @@ def make_eval_step(model, config: ConfigDict) -> Callable[..., dict]:
 def evaluate(
   eval_step: Callable, state, ds: ImageData, batch_size: int, mesh
 ) -> dict[str, float]:
-  """Sums of `eval_step` over `ds` in padded global batches, on the host."""
+  """Sums of `eval_step` over `ds` in padded global batches, on the host
+  (fetched once, after every batch is dispatched)."""
   n = len(ds.labels)
   part = parallel.process_slice(batch_size)
-  totals: dict[str, float] = {}
+  outs = []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size)[part]
     valid = idx < n
     idx = np.where(valid, idx, 0)
     local = (ds.x[idx], ds.labels[idx], ds.true_labels[idx], ds.noisy[idx])
     batch = parallel.global_batch(local + (valid,), mesh)
-    out = eval_step(state.params, state.model_state, *batch)
+    outs.append(eval_step(state.params, state.model_state, *batch))
+  totals: dict[str, float] = {}
+  for out in jax.device_get(outs):
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return totals
@@ -226,11 +229,8 @@ def check_workdir_config(workdir: pathlib.Path, config: ConfigDict) -> None:
 
 
 def _write_records(path: pathlib.Path, records: list[dict], mode: str) -> None:
-  if jax.process_index() != 0:
-    return
-  with path.open(mode) as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+  if jax.process_index() == 0:  # The others would race it on the file.
+    train_lib._write_records(path, records, mode)
 
 
 def check_finite(outs: list[dict], first_step: int, config) -> None:
@@ -251,11 +251,7 @@ def check_finite(outs: list[dict], first_step: int, config) -> None:
     )
 
 
-_all_finite = jax.jit(
-  lambda tree: jnp.all(
-    jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)])
-  )
-)
+_all_finite = jax.jit(train_lib._all_finite)
 
 
 class _Preemption:
@@ -465,7 +461,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         save_now = (
           done % config.checkpoint_every_steps == 0 or done == num_steps or stop
         )
-        if evaluate_now or save_now or end_of_epoch:
+        if save_now or end_of_epoch:  # (evaluate_now implies end_of_epoch)
+          outs = jax.device_get(outs)  # One fetch; later reads are free.
           check_finite(outs, done - len(outs) + 1, config)
         if evaluate_now:
           ep = done // steps_per_epoch

@@ -64,10 +64,18 @@ def command(workdir, fields=None, label="sam"):
   ] + [f"--config.{k}={v}" for k, v in (fields or TINY).items()]
 
 
+def checkpoint_steps(workdir):
+  """The steps of a run's checkpoints, ascending ([] before the first)."""
+  root = pathlib.Path(workdir) / "checkpoints"
+  if not root.exists():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+
+
 def final_params(workdir, step=None):
   """The parameters of a run's checkpoint `step` (default: the latest)."""
   root = pathlib.Path(workdir) / "checkpoints"
-  step = step or max(int(p.name) for p in root.iterdir() if p.name.isdigit())
+  step = step or checkpoint_steps(workdir)[-1]
   with warnings.catch_warnings():  # "Sharding info not provided": none.
     warnings.simplefilter("ignore", UserWarning)
     tree = ocp.PyTreeCheckpointer().restore(root / str(step) / "tree")

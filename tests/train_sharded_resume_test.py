@@ -32,11 +32,7 @@ def _env(delay):
   return dict(os.environ, MOCK_STEP_DELAY_S=str(delay), JAX_PLATFORMS="cpu")
 
 
-def _checkpoints(workdir):
-  root = pathlib.Path(workdir) / "checkpoints"
-  if not root.exists():
-    return []
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+_checkpoints = mock_main.checkpoint_steps
 
 
 def _run_until(workdir, sig, past_step, delay=0.3, timeout=120):
