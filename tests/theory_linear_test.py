@@ -109,7 +109,7 @@ def test_explicit_penalty_experiment_tiny(tmp_path):
   rows = tl.check_explicit_penalty(
     tmp_path, seeds=2, n=40, n_test=60, d=8, hidden=4, steps=10
   )
-  assert len(rows) == 4
+  assert len(rows) == 6
   assert all(np.isfinite(r.error) for r in rows)
   assert (tmp_path / "two_layer_linear_penalty.png").exists()
   with pytest.raises(ValueError, match="method"):
