@@ -87,7 +87,7 @@ def plot_sweep(
 ) -> None:
   """Best test accuracy vs the swept value, one line per group."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for g in dict.fromkeys(group_of.values()):
+  for i, g in enumerate(dict.fromkeys(group_of.values())):
     labels = sorted((x_of[k], k) for k in group_of if group_of[k] == g)
     xs, mean, std = [], [], []
     for x, label in labels:
@@ -96,7 +96,17 @@ def plot_sweep(
         xs.append(x)
         mean.append(acc.mean())
         std.append(acc.std())
-    ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=g)
+    # Ten colours, then the same colours dashed with other markers.
+    ax.errorbar(
+      xs,
+      mean,
+      yerr=std,
+      color=f"C{i % 10}",
+      linestyle=("-", "--", ":")[i // 10 % 3],
+      marker="osD"[i // 10 % 3],
+      capsize=3,
+      label=g,
+    )
   if log_x:
     ax.set_xscale("log")
   ax.set_xlabel(x_name)

@@ -11,9 +11,10 @@ rho of `RHOS`; `sweep()` returns `label -> overrides` with labels
 `<group>@<rho>`; `BASE` holds the shared overrides and `TINY` the shrunk
 setting of the tests.
 
-Runtime (measured 2026-11-23): 96 s for the 27 runs on 2 idle CPU cores
-(547 s while sharing them with 3 other jobs, load ~7). Each run compiles once
-and then trains in well under a second per epoch."""
+Runtime (measured 2026-11-23): 111 s for the 33 runs on 2 CPU cores shared
+with two other jobs (before beta=3 and 30 were added: 96 s for 27 runs on
+idle cores, 547 s at load ~7). Each run compiles once and then trains in
+well under a second per epoch."""
 
 GROUPS = {
   "sam-relu": {"method": "sam", "model.activation": "relu"},
@@ -25,10 +26,20 @@ GROUPS = {
     "model.activation": "beta-gelu",
     "model.beta": 1.0,
   },
+  "psam-beta-gelu-3": {
+    "method": "penalty",
+    "model.activation": "beta-gelu",
+    "model.beta": 3.0,
+  },
   "psam-beta-gelu-10": {
     "method": "penalty",
     "model.activation": "beta-gelu",
     "model.beta": 10.0,
+  },
+  "psam-beta-gelu-30": {
+    "method": "penalty",
+    "model.activation": "beta-gelu",
+    "model.beta": 30.0,
   },
   "psam-nme-ablated-gelu": {
     "method": "penalty",
