@@ -129,6 +129,11 @@ def curvature_stats(
   out = {}
   for name, mv in products.items():
     # Rolled loop: compiles once per matrix regardless of lanczos_iters.
+    # Unrolling (faster for a bare HVP on CPU, see sam_jax.spectral) buys
+    # nothing here: the products already run inside mean_over_batches'
+    # lax.scan. Measured on CNN1D, 2 x 256 examples, 20 steps, H/GN/NME, 2
+    # shared CPU cores: per event 17.3 s rolled vs 16.1 s unrolled, compile
+    # 27 s vs 86 s.
     ritz = spectral.lanczos(
       mv, params, config.lanczos_iters, keys[name], unroll=False
     )
