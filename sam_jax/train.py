@@ -418,7 +418,7 @@ def _curvature_logger(config, model, ds, seeds, workdir, start, steps):
       return
     t = time.perf_counter()
     stats = jax.block_until_ready(fn(params, (x, y), keys))
-    recs = curvature_log.to_records(
+    recs = metrics.to_records(
       stats,
       seeds,
       epoch=epoch,
