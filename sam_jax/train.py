@@ -354,17 +354,31 @@ def _host_copy(tree: Any) -> Any:
   return jax.tree.map(lambda a: np.array(a, copy=True), tree)
 
 
+def first_non_finite(loss_SxT, grad_norm_SxT) -> tuple[int, int, str] | None:
+  """`(s, t, "loss" or "gradient")`: the earliest step t at which a seed s
+  (the first such) had a non-finite loss or gradient norm; None if none."""
+  loss = np.asarray(loss_SxT)
+  bad = ~(np.isfinite(loss) & np.isfinite(np.asarray(grad_norm_SxT)))
+  if not bad.any():
+    return None
+  t = int(np.nonzero(bad.any(0))[0][0])
+  s = int(np.nonzero(bad[:, t])[0][0])
+  return s, t, "loss" if not np.isfinite(loss[s, t]) else "gradient"
+
+
+def describe_run(config: ConfigDict) -> str:
+  """`method (lr=..., rho=...)`, for error messages."""
+  return f"{config.method} (lr={config.learning_rate}, rho={config.rho})"
+
+
 def _raise_non_finite(out: dict, config: ConfigDict, epoch: int, seeds):
   """Raises FloatingPointError naming the first bad step, if there is one."""
-  loss, gnorm = np.asarray(out["loss"]), np.asarray(out["grad_norm"])
   finite = np.asarray(out["params_finite"])
-  bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
-  steps = loss.shape[1]
-  where = f"{config.method} (lr={config.learning_rate}, rho={config.rho})"
-  if bad.any():
-    t = int(np.nonzero(bad.any(0))[0][0])
-    s = int(np.nonzero(bad[:, t])[0][0])
-    what = "loss" if not np.isfinite(loss[s, t]) else "gradient"
+  steps = np.shape(out["loss"])[1]
+  where = describe_run(config)
+  bad = first_non_finite(out["loss"], out["grad_norm"])
+  if bad:
+    s, t, what = bad
     step = (epoch - 1) * steps + t + 1
     raise FloatingPointError(
       f"non-finite {what} at step {step} (epoch {epoch}, seed {seeds[s]}) "

@@ -223,16 +223,14 @@ def check_finite(outs: list[dict], first_step: int, config) -> None:
   gradient norm; `outs[i]` is the output of step `first_step + i`."""
   if not outs:
     return
-  loss = np.array([float(o["loss"]) for o in outs])
-  gnorm = np.array([float(o["grad_norm"]) for o in outs])
-  bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
-  if bad.any():
-    i = int(np.argmax(bad))
-    what = "loss" if not np.isfinite(loss[i]) else "gradient"
+  loss = np.array([[float(o["loss"]) for o in outs]])
+  gnorm = np.array([[float(o["grad_norm"]) for o in outs]])
+  bad = train_lib.first_non_finite(loss, gnorm)
+  if bad:
+    _, i, what = bad
     raise FloatingPointError(
-      f"non-finite {what} at step {first_step + i} with {config.method} "
-      f"(lr={config.learning_rate}, rho={config.rho}); the last good "
-      "checkpoint is kept"
+      f"non-finite {what} at step {first_step + i} with "
+      f"{train_lib.describe_run(config)}; the last good checkpoint is kept"
     )
 
 
