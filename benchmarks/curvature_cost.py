@@ -17,12 +17,12 @@ HVP 2.9-3.8x, GGN-vp 2.4-2.6x, PyHessian 20-iteration top eigenvalue ~41x.
 """
 
 import argparse
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import timing
 from sam_jax import curvature, models, objective, spectral
 
 BATCH, LENGTH, CLASSES = 128, 40, 10
@@ -78,19 +78,14 @@ def main():
     f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
     f"{sum(p.size for p in jax.tree.leaves(params))} parameters"
   )
-  compiled, compile_s = {}, {}
+  runs, compile_s = {}, {}
   for name, fn in functions(obj, batch).items():
     start = time.perf_counter()
-    compiled[name] = jax.jit(fn).lower(params, v, key).compile()
+    compiled = jax.jit(fn).lower(params, v, key).compile()
     compile_s[name] = time.perf_counter() - start
-    jax.block_until_ready(compiled[name](params, v, key))  # warm-up
-  times = {name: [] for name in compiled}
-  for _ in range(args.reps):
-    for name, fn in compiled.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(params, v, key))
-      times[name].append(time.perf_counter() - start)
-  med = {name: statistics.median(t) for name, t in times.items()}
+    runs[name] = timing.caller(compiled, params, v, key)
+  # The first call of each (a warm-up) is not in the medians.
+  med = timing.medians(timing.time_interleaved(runs, args.reps))
   grad, hvp = med["gradient"], med["HVP"]
   targets = {
     "GN-vp": "<= 1.3x (PyTorch 2.4-2.6x)",

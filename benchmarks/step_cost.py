@@ -10,11 +10,6 @@ Targets (DESIGN.md): n-SAM <= 2.05x, L-/J-SAM (n) <= 2.1x, 1-SAM <= 3x.
 """
 
 import argparse
-import datetime
-import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +17,7 @@ import optax
 import optax.contrib
 
 import sam_jax as sj
+from benchmarks import timing
 from sam_jax import models
 
 BASE = dict(learning_rate=0.05, momentum=0.9)
@@ -52,15 +48,17 @@ TRANSFORMS = ("sj.sam transform (n)", "optax.contrib.sam (opaque)")
 
 
 def make_step(label, obj):
-  """A jitted `(params, opt_state, batch) -> (params, opt_state, loss)`."""
+  """A jitted `((params, opt_state), batch) -> ((params, opt_state), loss)`
+  and its optimizer."""
   if label in METHODS:
     tx = optax.sgd(**BASE)
     grad_method = METHODS[label]
 
-    def step(params, opt_state, batch):
+    def step(state, batch):
+      params, opt_state = state
       loss, grads = grad_method(obj, params, batch)
       updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
+      return (optax.apply_updates(params, updates), opt_state), loss
 
   else:
     if label.startswith("sj.sam"):
@@ -75,18 +73,20 @@ def make_step(label, obj):
       )
       wrap = lambda g: lambda p, _: g(p)
 
-    def step(params, opt_state, batch):
+    def step(state, batch):
+      params, opt_state = state
       grad_fn = jax.grad(lambda p: obj.loss(p, batch))
       loss, grads = jax.value_and_grad(obj.loss)(params, batch)
       updates, opt_state = tx.update(
         grads, opt_state, params, grad_fn=wrap(grad_fn)
       )
-      return optax.apply_updates(params, updates), opt_state, loss
+      return (optax.apply_updates(params, updates), opt_state), loss
 
-  return jax.jit(step, donate_argnums=(0, 1)), tx
+  return jax.jit(step, donate_argnums=0), tx
 
 
 def bench(model, batch_size, reps, steps, labels):
+  """`timing.time_interleaved` of every label's step on `model`."""
   key = jax.random.key(0)
   x = jax.random.normal(key, (batch_size, 40))
   y = jax.random.randint(key, (batch_size,), 0, 10)
@@ -96,22 +96,8 @@ def bench(model, batch_size, reps, steps, labels):
   for label in labels:
     step, tx = make_step(label, obj)
     params = models.init_params(model, jax.random.key(1), x)
-    state = (params, tx.init(params))
-    t0 = time.perf_counter()
-    *state, loss = step(*state, batch)
-    jax.block_until_ready(loss)
-    runs[label] = dict(step=step, state=state, times=[])
-    runs[label]["compile_s"] = time.perf_counter() - t0
-  for _ in range(reps):
-    for run in runs.values():
-      state = run["state"]
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        *state, loss = run["step"](*state, batch)
-      jax.block_until_ready(loss)
-      run["times"].append((time.perf_counter() - t0) / steps)
-      run["state"] = state
-  return runs
+    runs[label] = timing.stepper(step, (params, tx.init(params)), batch)
+  return timing.time_interleaved(runs, reps, steps)
 
 
 def main():
@@ -129,29 +115,20 @@ def main():
     f"# step cost / SGD step, batch {args.batch}, medians of {args.reps} "
     f"interleaved reps x {args.steps} steps"
   )
-  print(
-    f"# {datetime.date.today()}, {platform.processor() or platform.machine()}"
-    f", {os.cpu_count()} cores, jax {jax.__version__} "
-    f"({jax.default_backend()})"
-  )
-  results = {
-    name: bench(net, args.batch, args.reps, args.steps, labels)
+  print(timing.machine_line())
+  medians = {
+    name: timing.medians(bench(net, args.batch, args.reps, args.steps, labels))
     for name, net in nets.items()
   }
   names = list(nets)
   print("\n| method | " + " | ".join(f"{n} ratio" for n in names) + " |")
   print("|---|" + "---:|" * len(names))
   for label in labels:
-    cells = []
-    for name in names:
-      med = statistics.median(results[name][label]["times"])
-      sgd = statistics.median(results[name]["sgd"]["times"])
-      cells.append(f"{med / sgd:.2f}")
+    cells = [f"{medians[n][label] / medians[n]['sgd']:.2f}" for n in names]
     print(f"| {label} | " + " | ".join(cells) + " |")
   print()
   for name in names:
-    sgd = statistics.median(results[name]["sgd"]["times"])
-    print(f"# {name}: SGD step {sgd * 1e3:.2f} ms")
+    print(f"# {name}: SGD step {medians[name]['sgd'] * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -21,16 +21,12 @@ with the gradient's forward pass). `--width` is the first stage's width
 """
 
 import argparse
-import datetime
-import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from benchmarks import timing
 from sam_jax import models, train
 
 # label -> (norm, method, group_size); rho is 0.05 for every SAM row.
@@ -87,33 +83,17 @@ def make_run(label: str, batch: int, width: int, x):
   return step, state
 
 
-def run_steps(step, state, batch, key, n: int):
-  """`n` steps, then wait for the device; returns the last state."""
-  for _ in range(n):
-    state, out = step(state, batch, key)
-  jax.block_until_ready(out)
-  return state
-
-
 def bench(labels, batch: int, width: int, reps: int, steps: int):
-  """`{label: {"times": [s per step, per rep], "compile_s": first step}}`."""
+  """`timing.time_interleaved` of the rows: `{label: {"times": [s per step,
+  per rep], "first_s": first step, compilation included}}`."""
   key = jax.random.key(0)
   x = jax.random.normal(key, (batch, 32, 32, 3))
   data = (x, jax.random.randint(key, (batch,), 0, NUM_CLASSES))
-  states, steps_fns, out = {}, {}, {}
-  for label in labels:
-    steps_fns[label], state = make_run(label, batch, width, x)
-    t0 = time.perf_counter()
-    states[label] = run_steps(steps_fns[label], state, data, key, 1)
-    out[label] = dict(compile_s=time.perf_counter() - t0, times=[])
-  for _ in range(reps):  # round-robin: load changes hit every row alike
-    for label in labels:
-      t0 = time.perf_counter()
-      states[label] = run_steps(
-        steps_fns[label], states[label], data, key, steps
-      )
-      out[label]["times"].append((time.perf_counter() - t0) / steps)
-  return out
+  runs = {
+    label: timing.stepper(*make_run(label, batch, width, x), data, key)
+    for label in labels
+  }
+  return timing.time_interleaved(runs, reps, steps)
 
 
 def main():
@@ -138,27 +118,22 @@ def main():
     f"# ResNet-18 (width {args.width}), batch {args.batch} of 32x32x3, "
     f"medians of {args.reps} interleaved reps x {args.steps} steps"
   )
-  print(
-    f"# {datetime.date.today()}, {platform.processor() or platform.machine()}"
-    f", {os.cpu_count()} cores, jax {jax.__version__} "
-    f"({jax.default_backend()}: {jax.devices()[0].device_kind})"
-  )
+  print(timing.machine_line(device_kind=True))
   print(
     "\n| step | images/s | step ms (min-max over reps) | / SGD step | "
     "compile s |"
   )
   print("|---|---:|---:|---:|---:|")
+  medians = timing.medians(runs)
   for label in labels:
-    med = statistics.median(runs[label]["times"])
+    med = medians[label]
     sgd_label = "sgd (BN)" if label.endswith("(BN)") else "sgd (LN)"
-    ratio = "-"
-    if sgd_label in runs:
-      ratio = f"{med / statistics.median(runs[sgd_label]['times']):.2f}"
+    ratio = f"{med / medians[sgd_label]:.2f}" if sgd_label in runs else "-"
     lo, hi = min(runs[label]["times"]), max(runs[label]["times"])
     print(
       f"| {label} | {args.batch / med:.1f} | {med * 1e3:.0f} "
       f"({lo * 1e3:.0f}-{hi * 1e3:.0f}) | {ratio} | "
-      f"{runs[label]['compile_s']:.1f} |"
+      f"{runs[label]['first_s']:.1f} |"
     )
 
 

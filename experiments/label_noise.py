@@ -96,15 +96,14 @@ def make_config(
 
 def run_label(config, workdir: pathlib.Path) -> dict[str, Any]:
   """Trains one label; a non-finite loss is recorded, not raised."""
+  split = "val" if config.data.val_fraction else "test"
   try:
     summary = train.train_and_evaluate(config, str(workdir))
   except FloatingPointError as e:
-    split = "val" if config.data.val_fraction else "test"
-    records = report.load_metrics(workdir)
+    records = report.load_records(workdir)
     summary = metrics.summarize(records, split)
     summary.update(status="diverged", error=str(e))
   summary.pop("config", None)
-  split = "val" if config.data.val_fraction else "test"
   final = summary.get(f"final_{split}_accuracy", [])
   # Divergence without a NaN: a seed ending near chance accuracy.
   summary["collapsed_seeds"] = [
@@ -135,7 +134,7 @@ def run_all(
   for label in labels:
     config = make_config(label, overrides)
     methods[label] = run_label(config, root / label)
-    runs[label] = report.load_metrics(root / label)
+    runs[label] = report.load_records(root / label)
   shared = json.loads(config.to_json())
   summary = {
     "methods": methods,

@@ -5,7 +5,6 @@ epoch per seed, see `sam_jax.train`); these helpers read them back, average
 over seeds and draw the paper's views (PAPERS.md A6).
 """
 
-import json
 import pathlib
 from typing import Any, Sequence
 
@@ -15,13 +14,15 @@ matplotlib.use("Agg")  # Files only, no display.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sam_jax import run_io  # noqa: E402
 
-def load_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
-  """The records of `<run_dir>/metrics.jsonl` (empty if there is none)."""
-  path = pathlib.Path(run_dir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(s) for s in path.read_text().splitlines() if s]
+
+def load_records(
+  run_dir: str | pathlib.Path, name: str = "metrics.jsonl"
+) -> list[dict[str, Any]]:
+  """The records of the JSONL log `<run_dir>/<name>` (`metrics.jsonl`,
+  `curvature.jsonl`); empty if there is none."""
+  return run_io.read_records(pathlib.Path(run_dir) / name)
 
 
 def curves(records: Sequence[dict], key: str) -> tuple[np.ndarray, ...]:

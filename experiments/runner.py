@@ -169,14 +169,6 @@ def parse_cli(
   return workdir, {**base, **label_noise.parse_overrides(overrides)}, is_tiny
 
 
-def load_curvature(run_dir) -> list[dict]:
-  """The records of `<run_dir>/curvature.jsonl` (empty if there is none)."""
-  path = pathlib.Path(run_dir) / "curvature.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(x) for x in path.read_text().splitlines() if x]
-
-
 def plot_curvature(runs: dict[str, list], keys: Sequence[str], path) -> None:
   """One panel per curvature field, one line per run (mean ± std)."""
   fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8))

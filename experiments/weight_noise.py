@@ -12,7 +12,7 @@ the middle sigma^2 of the sweep). `--tiny` / `--set` as in activation_penalty.
 import pathlib
 import sys
 
-from experiments import runner
+from experiments import report, runner
 from experiments.configs import weight_noise_mnist1d as cfg
 
 
@@ -31,7 +31,9 @@ def main(argv) -> dict:
   root = pathlib.Path(workdir)
   shown = sigma2[len(sigma2) // 2]
   top = [label for label in runs if label.endswith(f"@{shown:g}")]
-  curv = {label: runner.load_curvature(root / label) for label in top}
+  curv = {
+    label: report.load_records(root / label, "curvature.jsonl") for label in top
+  }
   runner.plot_curvature(
     curv, ("trace_h", "trace_gn", "trace_nme"), root / "traces.png"
   )

@@ -166,16 +166,3 @@ def make_curvature_fn(
   if stacked_seeds:
     fn = jax.vmap(fn, in_axes=(0, (None, 0), 0))
   return jax.jit(fn)
-
-
-def to_records(stats: dict[str, Array], seeds, **fields) -> list[dict]:
-  """One JSON-ready dict per seed from stacked `stats` (leading axis S)."""
-  stats = jax.device_get(stats)  # one transfer, not one per seed and field
-  records = []
-  for i, seed in enumerate(seeds):
-    rec = dict(fields, seed=int(seed))
-    for name, value in stats.items():
-      v = value[i]
-      rec[name] = v.tolist() if v.ndim else float(v)
-    records.append(rec)
-  return records

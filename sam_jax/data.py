@@ -90,14 +90,12 @@ def load_mnist1d(
     raise ValueError(
       f"num_samples must be a positive multiple of 10, got {num_samples}"
     )
-  if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-  num_test = int(round(test_fraction * num_samples))
-  if not 0 < num_test < num_samples:
-    raise ValueError(
-      f"test_fraction={test_fraction} leaves an empty train or test set "
-      f"with num_samples={num_samples}"
-    )
+  num_test = _held_out_size(
+    "test_fraction",
+    test_fraction,
+    num_samples,
+    f"test set with num_samples={num_samples}",
+  )
   args = mnist1d_data.get_dataset_args(as_dict=True)
   for key, value in dict(args_overrides or {}).items():
     if key not in args or key in _MNIST1D_OWN_ARGS:
@@ -241,6 +239,18 @@ def label_noise(
   return noisy, mask
 
 
+def _held_out_size(field: str, fraction: float, total: int, part: str) -> int:
+  """`round(fraction * total)`, the size of a held-out `part` (test or
+  validation set, as named in the message); ValueError naming `field`
+  unless `fraction` is in (0, 1) and leaves both parts non-empty."""
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"{field} must be in (0, 1), got {fraction}")
+  size = int(round(fraction * total))
+  if not 0 < size < total:
+    raise ValueError(f"{field}={fraction} leaves an empty train or {part}")
+  return size
+
+
 def split_indices(
   num_examples: int, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -255,14 +265,12 @@ def split_indices(
   Raises:
     ValueError: if `val_fraction` is not in (0, 1) or leaves a part empty.
   """
-  if not 0.0 < val_fraction < 1.0:
-    raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-  num_val = int(round(val_fraction * num_examples))
-  if not 0 < num_val < num_examples:
-    raise ValueError(
-      f"val_fraction={val_fraction} leaves an empty train or validation set "
-      f"with {num_examples} examples"
-    )
+  num_val = _held_out_size(
+    "val_fraction",
+    val_fraction,
+    num_examples,
+    f"validation set with {num_examples} examples",
+  )
   perm = np.random.default_rng(seed).permutation(num_examples)
   return np.sort(perm[num_val:]), np.sort(perm[:num_val])
 

@@ -123,16 +123,25 @@ def make_evaluate(
 
 
 def to_records(
-  metrics: dict[str, Any], seeds: Sequence[int], **common: Any
+  stats: dict[str, Any], seeds: Sequence[int], **common: Any
 ) -> list[dict[str, Any]]:
-  """Splits `{name: [S]}` into one JSON-ready dict per seed (NaN -> None)."""
-  host = {k: np.asarray(v) for k, v in metrics.items()}
+  """Splits `{name: [S, ...]}` into one JSON-ready dict per seed.
+
+  Each record holds `common`, the seed and every field: a scalar as a float
+  (NaN or inf -> None), an array as a list. The values are fetched from the
+  device in one transfer.
+  """
+  host = jax.device_get(stats)
   records = []
   for i, seed in enumerate(seeds):
     rec = dict(common, seed=int(seed))
     for k, v in host.items():
-      x = float(v[i])
-      rec[k] = x if math.isfinite(x) else None
+      v = np.asarray(v[i])
+      if v.ndim:
+        rec[k] = v.tolist()
+      else:
+        x = float(v)
+        rec[k] = x if math.isfinite(x) else None
     records.append(rec)
   return records
 

@@ -19,7 +19,8 @@ sharded over the devices (and hosts).
 
 Workdir layout:
 
-  config.json      the config (a rerun must match it, see `_IGNORED`)
+  config.json      the config (a rerun must match it, see
+                   `sam_jax.run_io.IGNORED_FIELDS`)
   metrics.jsonl    one JSON line per evaluated epoch per seed: epoch, step,
                    seed, train_loss (mean step loss of the epoch, noisy
                    labels) and the quantities of `sam_jax.metrics`
@@ -39,7 +40,6 @@ and seed; checkpoints are only written from finite states.
 """
 
 import functools
-import json
 import pathlib
 import time
 from typing import Any, Callable
@@ -51,17 +51,14 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import tqdm
 
-from sam_jax import curvature_log, data, methods, metrics, models
+from sam_jax import curvature_log, data, methods, metrics, models, run_io
 from sam_jax.objective import Batch, Params, softmax_cross_entropy
 from sam_jax.sam import global_norm
 from sam_jax.train_config import activation, validate_config
 
 Array = jax.Array
 ConfigDict = ml_collections.ConfigDict
-# Config fields that do not change the result: a rerun may change them.
-_IGNORED = ("progress", "checkpoint_every_epochs", "checkpoint_every_steps")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -250,7 +247,8 @@ def epoch_batches(
   return jax.vmap(one_seed)(keys_S)
 
 
-def _all_finite(params: Params) -> Array:
+def all_finite(params: Params) -> Array:
+  """bool []: whether every entry of every leaf of `params` is finite."""
   return jnp.all(
     jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
   )
@@ -258,7 +256,7 @@ def _all_finite(params: Params) -> Array:
 
 # Module level, so that runs in one process share their compilations.
 _batches_fn = jax.jit(epoch_batches, static_argnums=(1, 2))
-_finite_fn = jax.jit(jax.vmap(_all_finite))
+_finite_fn = jax.jit(jax.vmap(all_finite))
 
 
 def make_epoch_fn(train_step, num_examples: int, batch_size: int):
@@ -350,62 +348,37 @@ def load_data(config: ConfigDict, seeds: list[int]) -> NoisyData:
   )
 
 
-def _config_json(config: ConfigDict) -> dict:
-  d = json.loads(config.to_json())
-  return {k: v for k, v in d.items() if k not in _IGNORED}
-
-
-def _check_workdir_config(workdir: pathlib.Path, config: ConfigDict) -> None:
-  path = workdir / "config.json"
-  new = _config_json(config)
-  if path.exists():
-    old = json.loads(path.read_text())
-    old = {k: v for k, v in old.items() if k not in _IGNORED}
-    if old != new:
-      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-      raise ValueError(
-        f"workdir {workdir} holds a run with a different config (fields "
-        f"{diff}); use a new workdir"
-      )
-  path.write_text(json.dumps(json.loads(config.to_json()), indent=2))
-
-
-def _read_records(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def _write_records(path: pathlib.Path, records: list[dict], mode: str) -> None:
-  with path.open(mode) as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-
-
-def _drop_records_after(path: pathlib.Path, epoch: int) -> None:
-  """Rewrites a JSONL log without its records past `epoch` (a resume runs
-  those epochs again)."""
-  kept = [r for r in _read_records(path) if r["epoch"] <= epoch]
-  _write_records(path, kept, "w")
-
-
 def _host_copy(tree: Any) -> Any:
   # A real copy: the device buffers are donated to the next epoch while
   # orbax may still be writing asynchronously.
   return jax.tree.map(lambda a: np.array(a, copy=True), tree)
 
 
+def first_non_finite(loss_SxT, grad_norm_SxT) -> tuple[int, int, str] | None:
+  """`(s, t, "loss" or "gradient")`: the earliest step t at which a seed s
+  (the first such) had a non-finite loss or gradient norm; None if none."""
+  loss = np.asarray(loss_SxT)
+  bad = ~(np.isfinite(loss) & np.isfinite(np.asarray(grad_norm_SxT)))
+  if not bad.any():
+    return None
+  t = int(np.nonzero(bad.any(0))[0][0])
+  s = int(np.nonzero(bad[:, t])[0][0])
+  return s, t, "loss" if not np.isfinite(loss[s, t]) else "gradient"
+
+
+def describe_run(config: ConfigDict) -> str:
+  """`method (lr=..., rho=...)`, for error messages."""
+  return f"{config.method} (lr={config.learning_rate}, rho={config.rho})"
+
+
 def _raise_non_finite(out: dict, config: ConfigDict, epoch: int, seeds):
   """Raises FloatingPointError naming the first bad step, if there is one."""
-  loss, gnorm = np.asarray(out["loss"]), np.asarray(out["grad_norm"])
   finite = np.asarray(out["params_finite"])
-  bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
-  steps = loss.shape[1]
-  where = f"{config.method} (lr={config.learning_rate}, rho={config.rho})"
-  if bad.any():
-    t = int(np.nonzero(bad.any(0))[0][0])
-    s = int(np.nonzero(bad[:, t])[0][0])
-    what = "loss" if not np.isfinite(loss[s, t]) else "gradient"
+  steps = np.shape(out["loss"])[1]
+  where = describe_run(config)
+  bad = first_non_finite(out["loss"], out["grad_norm"])
+  if bad:
+    s, t, what = bad
     step = (epoch - 1) * steps + t + 1
     raise FloatingPointError(
       f"non-finite {what} at step {step} (epoch {epoch}, seed {seeds[s]}) "
@@ -439,7 +412,7 @@ def _curvature_logger(config, model, ds, seeds, workdir, start, steps):
   """
   cc = curvature_log.resolve_config(config.get("curvature"))
   path = workdir / "curvature.jsonl"
-  _drop_records_after(path, start)
+  run_io.drop_records_after(path, start, "epoch")
   if not cc.every_epochs:
     return lambda params, epoch, last: None
   n = cc.num_batches * cc.batch_size
@@ -459,14 +432,14 @@ def _curvature_logger(config, model, ds, seeds, workdir, start, steps):
       return
     t = time.perf_counter()
     stats = jax.block_until_ready(fn(params, (x, y), keys))
-    recs = curvature_log.to_records(
+    recs = metrics.to_records(
       stats,
       seeds,
       epoch=epoch,
       step=epoch * steps,
       seconds=time.perf_counter() - t,
     )
-    _write_records(path, recs, "a")
+    run_io.write_records(path, recs, "a")
 
   return log
 
@@ -493,7 +466,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   validate_config(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_workdir_config(workdir, config)
+  run_io.check_workdir_config(workdir, config)
   t0 = time.perf_counter()
   seeds = [config.seed + i for i in range(config.num_seeds)]
   ds = load_data(config, seeds)
@@ -504,16 +477,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   keys_S = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
   states = init_states(model, tx, keys_S, ds.x_train[:1])
 
-  ckpt = ocp.CheckpointManager(
-    workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2)
-  )
+  ckpt = run_io.checkpoint_manager(workdir / "checkpoints", max_to_keep=2)
   metrics_path = workdir / "metrics.jsonl"
   start = ckpt.latest_step() or 0
   if start:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, states)
-    states = ckpt.restore(start, args=ocp.args.StandardRestore(abstract))
+    states = run_io.restore(ckpt, start, states)
   # Drop metrics past the checkpoint: those epochs are run again.
-  _drop_records_after(metrics_path, start)
+  run_io.drop_records_after(metrics_path, start, "epoch")
   log_curvature = _curvature_logger(
     config, model, ds, seeds, workdir, start, steps_per_epoch
   )
@@ -526,13 +496,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   train_set = (ds.x_train, ds.labels, ds.true_labels, ds.noisy)
   eval_set = (ds.x_eval, ds.eval_labels, ds.eval_true_labels)
   acc_key = f"{ds.split}_accuracy"
-  bar = tqdm.trange(
-    start + 1,
-    config.num_epochs + 1,
-    desc=config.get("label", config.method),
-    disable=not config.progress,
-    initial=start,
-    total=config.num_epochs,
+  bar = run_io.progress_bar(
+    config, range(start + 1, config.num_epochs + 1), start
   )
   epoch_times = []
   try:
@@ -547,27 +512,23 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         recs = metrics.to_records(
           m, seeds, epoch=epoch, step=epoch * steps_per_epoch
         )
-        _write_records(metrics_path, recs, "a")
+        run_io.write_records(metrics_path, recs, "a")
         bar.set_postfix({acc_key: np.mean([r[acc_key] for r in recs])})
       if epoch % config.checkpoint_every_epochs == 0 or last:
         ckpt.save(epoch, args=ocp.args.StandardSave(_host_copy(states)))
       epoch_times.append(time.perf_counter() - t_epoch)
       log_curvature(states.params, epoch, last)
   finally:
-    ckpt.wait_until_finished()
-    ckpt.close()
+    run_io.close_checkpoints(ckpt)
     bar.close()
 
-  summary = metrics.summarize(_read_records(metrics_path), ds.split)
-  summary.update(
-    status="ok",
-    label=config.get("label", config.method),
-    method=config.method,
-    runtime_s=time.perf_counter() - t0,
+  return run_io.write_summary(
+    workdir,
+    config,
+    ds.split,
+    t0,
+    "ok",
     # Median epoch (train, eval, checkpoint) after the first, which compiles.
     epoch_s=float(np.median(epoch_times[1:])) if epoch_times[1:] else None,
     steps_per_epoch=steps_per_epoch,
-    config=json.loads(config.to_json()),
   )
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  return summary

@@ -26,7 +26,8 @@ many hosts with the same code (`sam_jax.parallel`):
 
 Workdir layout:
 
-  config.json      the config (a rerun must match it, see `train._IGNORED`)
+  config.json      the config (a rerun must match it, see
+                   `sam_jax.run_io.IGNORED_FIELDS`)
   metrics.jsonl    one JSON line per evaluation (every `eval_every_epochs`
                    and at the end): epoch, step, seed, train_loss (mean step
                    loss of the epoch's steps run by this invocation),
@@ -49,7 +50,6 @@ loss, gradient or parameter stops training with a FloatingPointError naming
 the step; checkpoints are only written from finite states.
 """
 
-import json
 import pathlib
 import signal
 import time
@@ -61,9 +61,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import tqdm
 
-from sam_jax import data, metrics, models, parallel, tfds_data
+from sam_jax import data, models, parallel, run_io, tfds_data
 from sam_jax import train as train_lib
 from sam_jax.objective import softmax_cross_entropy
 from sam_jax.train_config import validate_config
@@ -219,39 +218,23 @@ def eval_metrics(
   return out
 
 
-def check_workdir_config(workdir: pathlib.Path, config: ConfigDict) -> None:
-  """Writes config.json; a rerun must match it (`train._IGNORED` aside).
-
-  Process 0 only: the others would race it on the shared file.
-  """
-  if jax.process_index() == 0:
-    train_lib._check_workdir_config(workdir, config)
-
-
-def _write_records(path: pathlib.Path, records: list[dict], mode: str) -> None:
-  if jax.process_index() == 0:  # The others would race it on the file.
-    train_lib._write_records(path, records, mode)
-
-
 def check_finite(outs: list[dict], first_step: int, config) -> None:
   """FloatingPointError naming the first step with a non-finite loss or
   gradient norm; `outs[i]` is the output of step `first_step + i`."""
   if not outs:
     return
-  loss = np.array([float(o["loss"]) for o in outs])
-  gnorm = np.array([float(o["grad_norm"]) for o in outs])
-  bad = ~(np.isfinite(loss) & np.isfinite(gnorm))
-  if bad.any():
-    i = int(np.argmax(bad))
-    what = "loss" if not np.isfinite(loss[i]) else "gradient"
+  loss = np.array([[float(o["loss"]) for o in outs]])
+  gnorm = np.array([[float(o["grad_norm"]) for o in outs]])
+  bad = train_lib.first_non_finite(loss, gnorm)
+  if bad:
+    _, i, what = bad
     raise FloatingPointError(
-      f"non-finite {what} at step {first_step + i} with {config.method} "
-      f"(lr={config.learning_rate}, rho={config.rho}); the last good "
-      "checkpoint is kept"
+      f"non-finite {what} at step {first_step + i} with "
+      f"{train_lib.describe_run(config)}; the last good checkpoint is kept"
     )
 
 
-_all_finite = jax.jit(train_lib._all_finite)
+_all_finite = jax.jit(train_lib.all_finite)
 
 
 class _Preemption:
@@ -343,7 +326,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  check_workdir_config(workdir, config)
+  run_io.check_workdir_config(workdir, config)
   mesh = parallel.make_mesh(config.num_devices)
   parallel.check_batch_size(config.batch_size, mesh, "batch_size")
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
@@ -375,34 +358,20 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   x_sample = tfds_data.normalize_images(train.x[:1], mean, std)
   state = init_state(model, tx, key, x_sample, mesh)
 
-  ckpt = ocp.CheckpointManager(
-    workdir / "checkpoints",
-    options=ocp.CheckpointManagerOptions(max_to_keep=2),
-  )
-  best_ckpt = ocp.CheckpointManager(
-    workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1)
-  )
+  ckpt = run_io.checkpoint_manager(workdir / "checkpoints", max_to_keep=2)
+  best_ckpt = run_io.checkpoint_manager(workdir / "best", max_to_keep=1)
   key_data = np.asarray(key)
   meta = {"best_accuracy": -1.0}
   start = ckpt.latest_step() or 0
   if start:
-    abstract = _checkpoint_tree(state, key_data)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
-    restored = ckpt.restore(
-      start,
-      args=ocp.args.Composite(
-        tree=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-      ),
-    )
+    like = _checkpoint_tree(state, key_data)
+    restored = run_io.restore(ckpt, start, like, meta=ocp.args.JsonRestore())
     state, meta = restored.tree["state"], restored.meta
     key_data = np.asarray(restored.tree["rng"])
   for later in [s for s in best_ckpt.all_steps() if s > start]:
     best_ckpt.delete(later)  # From after the checkpoint: it is redone.
   metrics_path = workdir / "metrics.jsonl"
-  records = [
-    r for r in train_lib._read_records(metrics_path) if r["step"] <= start
-  ]
-  _write_records(metrics_path, records, "w")
+  run_io.drop_records_after(metrics_path, start, "step")
 
   wrap = None
   if config.sam_per_device:
@@ -431,14 +400,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       ),
     )
 
-  bar = tqdm.trange(
-    start,
-    num_steps,
-    desc=config.get("label", config.method),
-    disable=not config.progress or jax.process_index() != 0,
-    initial=start,
-    total=num_steps,
-  )
+  bar = run_io.progress_bar(config, range(start, num_steps), start)
   status, outs, step = "ok", [], start
   t_first, first_step = None, start  # Timing starts after the first step.
   try:
@@ -469,7 +431,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
           m = eval_metrics(eval_step, state, train, test, config, mesh)
           m["train_loss"] = float(np.mean([float(o["loss"]) for o in outs]))
           rec = dict(epoch=ep, step=done, seed=config.seed, **m)
-          _write_records(metrics_path, [rec], "a")
+          run_io.write_records(metrics_path, [rec], "a")
           bar.set_postfix({"test_accuracy": m["test_accuracy"]})
           if m["test_accuracy"] > meta["best_accuracy"]:
             meta = dict(best_accuracy=m["test_accuracy"], best_step=done)
@@ -491,24 +453,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
           status = "preempted"
           break
   finally:
-    ckpt.wait_until_finished()
-    best_ckpt.wait_until_finished()
-    ckpt.close()
-    best_ckpt.close()
+    run_io.close_checkpoints(ckpt, best_ckpt)
     bar.close()
 
-  summary = metrics.summarize(train_lib._read_records(metrics_path), "test")
-  summary.update(
-    status=status,
-    label=config.get("label", config.method),
-    method=config.method,
-    runtime_s=time.perf_counter() - t0,
+  return run_io.write_summary(
+    workdir,
+    config,
+    "test",
+    t0,
+    status,
     step_s=_seconds_per_step(t_first, first_step, step),
     steps_per_epoch=steps_per_epoch,
     best_checkpoint_step=meta.get("best_step"),
     devices=parallel.devices_summary(mesh),
-    config=json.loads(config.to_json()),
   )
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  return summary

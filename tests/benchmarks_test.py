@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from benchmarks import model_flops
+from benchmarks import model_flops, timing
 
 
 def test_flops_counts_a_matmul():
@@ -18,3 +18,22 @@ def test_model_flops_runs_tiny(monkeypatch, capsys):
   model_flops.main()
   out = capsys.readouterr().out
   assert "forward" in out and "gradient" in out
+
+
+def test_timing_interleaves_rounds_after_a_first_call():
+  calls = []
+  runs = {name: (lambda n, name=name: calls.append((name, n))) for name in "ab"}
+  results = timing.time_interleaved(runs, reps=2, steps=3)
+  assert calls == [("a", 1), ("b", 1)] + [("a", 3), ("b", 3)] * 2
+  assert all(
+    len(r["times"]) == 2 and r["first_s"] >= 0 for r in results.values()
+  )
+  assert timing.medians({"a": dict(times=[3.0, 1.0, 2.0])}) == {"a": 2.0}
+
+
+def test_stepper_carries_the_state():
+  seen = []
+  run = timing.stepper(lambda s, d: (s + d, seen.append(s)), 0, 2)
+  run(2)
+  run(1)
+  assert seen == [0, 2, 4]

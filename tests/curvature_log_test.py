@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sam_jax import curvature, curvature_log, models, spectral
+from sam_jax import curvature, curvature_log, metrics, models, spectral
 from sam_jax.activations import get as get_activation
 from sam_jax.objective import softmax_cross_entropy
 
@@ -82,7 +82,7 @@ def test_stacked_seeds_match_per_seed():
     single = one(p, (x, y_S[s]), keys[s])
     for name, value in single.items():
       np.testing.assert_allclose(stacked[name][s], value, rtol=1e-8)
-  recs = curvature_log.to_records(stacked, [10, 11], epoch=1)
+  recs = metrics.to_records(stacked, [10, 11], epoch=1)
   assert [r["seed"] for r in recs] == [10, 11]
   assert all(np.isfinite(r["trace_h"]) and len(r["h_top"]) == 2 for r in recs)
 

@@ -59,7 +59,7 @@ def test_cli_trains_each_method(label, tmp_path, cli, capsys):
   assert summary["config"]["model"]["channels"] == [2]
   assert len(summary["best_test_accuracy"]) == 2
   assert '"best_test_accuracy"' in capsys.readouterr().out
-  recs = report.load_metrics(tmp_path)
+  recs = report.load_records(tmp_path)
   assert len(recs) == 2 * 2  # Epochs x seeds.
   for r in recs:
     for k in (
@@ -130,7 +130,7 @@ def test_tune_uses_a_validation_split(tmp_path, monkeypatch):
     scores, key=scores.get
   )
   for name in scores:
-    recs = report.load_metrics(tmp_path / "sgd+reg" / name)
+    recs = report.load_records(tmp_path / "sgd+reg" / name)
     assert recs and all("test_accuracy" not in r for r in recs)
     assert all(0 <= r["val_accuracy"] <= 1 for r in recs)
   assert json.loads((tmp_path / "tune.json").read_text())["tuned"]

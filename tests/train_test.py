@@ -294,6 +294,15 @@ def test_huge_learning_rate_raises_naming_the_step(tmp_path):
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
+def test_first_non_finite_is_the_earliest_step_then_seed():
+  nan, inf = float("nan"), float("inf")
+  loss = np.array([[1.0, 1.0, nan], [1.0, 1.0, 1.0], [1.0, nan, 1.0]])
+  gnorm = np.array([[1.0, 1.0, 1.0], [1.0, inf, 1.0], [1.0, 1.0, 1.0]])
+  assert train.first_non_finite(loss, gnorm) == (1, 1, "gradient")
+  assert train.first_non_finite(loss, np.ones_like(gnorm)) == (2, 1, "loss")
+  assert train.first_non_finite(np.ones(3)[None], np.ones(3)[None]) is None
+
+
 def test_non_finite_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   real = train.make_train_step
 

@@ -39,13 +39,12 @@ TINY = {
   **activation_penalty_mnist1d.TINY,
   "num_epochs": 2,
   "curvature": dict(
+    BASE["curvature"],
     every_epochs=1,
     num_batches=1,
     batch_size=32,
     lanczos_iters=3,
-    top_k=1,
     trace_probes=3,
-    estimator="hutch++",
   ),
 }
 
