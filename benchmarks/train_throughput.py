@@ -17,7 +17,7 @@ variants) and with LayerNorm, the paper's network for per-example SAM
 (everything, 1-SAM included). Two rows isolate the running averages:
 `sgd w/o BN stats update` runs the BN step with an empty model state (the
 difference to `sgd` is what updating them costs now: a few elementwise
-ops on the statistics the gradient's pass computes anyway), and `sgd,
+ops on the statistics the gradient's pass computes anyway), and `sgd +
 separate BN stats pass` takes them from a second clean forward pass
 (`models.update_state`, the trainer's fallback for m-SAM and per-device
 SAM, and how every step worked before). `--width` is the first stage's width
@@ -41,7 +41,7 @@ from sam_jax import models, train
 ROWS = {
   "sgd (BN)": ("batch", "sgd", None),
   "sgd w/o BN stats update (BN)": ("batch", "sgd", None),
-  "sgd, separate BN stats pass (BN)": ("batch", "sgd", None),
+  "sgd + separate BN stats pass (BN)": ("batch", "sgd", None),
   "sam (BN)": ("batch", "sam", None),
   "l-sam (BN)": ("batch", "l-sam", None),
   "j-sam (BN)": ("batch", "j-sam", None),

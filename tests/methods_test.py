@@ -109,7 +109,7 @@ def _num_convs(step, state, batch):
   return hlo.as_text().count("convolution(")
 
 
-@pytest.mark.parametrize("label", ["sgd", "sam", "penalty-gn"])
+@pytest.mark.parametrize("label", ["sgd", "sam", "sgd+reg", "penalty-gn"])
 def test_batchnorm_step_compiles_one_clean_pass(label):
   model, config, tx = _net("batch"), _config(label), optax.sgd(LR)
   params, state = _init("batch", jnp.float32)
@@ -146,17 +146,16 @@ def test_stateless_model_runs_the_plain_gradient():
   assert new.model_state == {}
 
 
-def test_state_grad_fn_falls_back_for_plain_methods():
+def test_state_grad_fn_falls_back_for_plain_methods(monkeypatch):
   # A registered method that is not state-aware gets a separate clean pass.
   name = "test-plain-sgd"
-  if name not in methods.names():
-    methods.register(name)(
-      lambda config, model, loss_fn: (
-        lambda p, batch, key: jax.value_and_grad(
-          models.make_objective(model, loss_fn).loss
-        )(p, batch)
-      )
-    )
+
+  def factory(config, model, loss_fn):
+    loss = models.make_objective(model, loss_fn).loss
+    return lambda p, batch, key: jax.value_and_grad(loss)(p, batch)
+
+  # Registered for this test only (monkeypatch restores the registry).
+  monkeypatch.setitem(methods._REGISTRY, name, methods.Method(factory, None))
   model = _net("batch")
   params, state = _init("batch", jnp.float32)
   batch = _data(jnp.float32)
