@@ -23,11 +23,23 @@ More methods plug in by name with `register`; the factory reads its own
 hyperparameters from the config and may validate them.
 
 Models with BatchNorm: every gradient here is taken in training mode (batch
-statistics; `models.make_objective`), and the running averages are not
-touched: the trainer updates them from the clean pass only
-(`train.make_train_step`). Per-example SAM (`group_size` 1) with BatchNorm
-is ill-defined and raises; m-SAM normalises each group with its own
-statistics.
+statistics; `models.make_objective`), and the running averages move only by
+the statistics of the clean full-batch pass at the unperturbed `params`,
+never by SAM's perturbed pass or weight noise. `make_state_grad_fn` gives
+
+  state_grad_fn(params, batch, key, model_state)
+      -> (loss, grads, new model_state)
+
+Every built-in method (registered `state_aware`) takes the new state from
+the clean forward pass its gradient runs anyway: the pass of `grad L(w)`
+(sgd, sam/ASAM, l-sam, j-sam, penalty), of the clean logits (penalty-gn,
+sgd+reg's features), or of the clean loss `L(w)` that is logged (weight
+noise, whose gradient is at `w + delta`; trace-h, trace-gn). m-SAM has no
+full-batch clean pass (each group is normalised with its own statistics),
+and plug-in methods are not state-aware: for them the state comes from a
+separate clean pass, `models.update_state`. Per-example SAM (`group_size`
+1) with BatchNorm is ill-defined and raises. A stateless model
+(`model_state == {}`) runs the plain `grad_fn`, unchanged.
 """
 
 import math
@@ -42,6 +54,10 @@ from sam_jax.sam import sam_gradient
 
 Array = jax.Array
 GradFn = Callable[[Params, Batch, Array], tuple[Array, Params]]
+StateGradFn = Callable[
+  [Params, Batch, Array, models.ModelState],
+  tuple[Array, Params, models.ModelState],
+]
 LossFn = Callable[[Array, Array], Array]
 Factory = Callable[[Any, nn.Module, LossFn], GradFn]
 
@@ -51,24 +67,35 @@ class Method(NamedTuple):
 
   `make(config, model, loss_fn) -> grad_fn`; `validate(config)` raises
   ValueError naming the offending `config.<field>` (or is None).
+  `state_aware`: `grad_fn(params, batch, key, model_state)` with a
+  non-empty model state returns `(loss, grads, new_state)`, new_state from
+  the method's own clean full-batch pass at `params` (None if it has none).
   """
 
   make: Factory
   validate: Optional[Callable[[Any], None]]
+  state_aware: bool = False
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
 def register(
-  name: str, *, validate: Optional[Callable[[Any], None]] = None
+  name: str,
+  *,
+  validate: Optional[Callable[[Any], None]] = None,
+  state_aware: bool = False,
 ) -> Callable[[Factory], Factory]:
-  """Decorator registering `factory(config, model, loss_fn) -> grad_fn`."""
+  """Decorator registering `factory(config, model, loss_fn) -> grad_fn`.
+
+  `state_aware`: see `Method`; otherwise a BatchNorm model's state is
+  updated by a separate clean pass.
+  """
 
   def deco(factory: Factory) -> Factory:
     if name in _REGISTRY:
       raise ValueError(f"method {name!r} is already registered")
-    _REGISTRY[name] = Method(factory, validate)
+    _REGISTRY[name] = Method(factory, validate, state_aware)
     return factory
 
   return deco
@@ -100,6 +127,43 @@ def make_grad_fn(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
   return _REGISTRY[config.method].make(config, model, loss_fn)
 
 
+def make_state_grad_fn(
+  config: Any, model: nn.Module, loss_fn: LossFn
+) -> StateGradFn:
+  """`(params, batch, key, model_state) -> (loss, grads, new model_state)`.
+
+  A stateless model (`{}`) runs `make_grad_fn`'s function as it is. With a
+  model state (BatchNorm), a state-aware method returns the state of its
+  clean full-batch pass at `params`; otherwise (m-SAM, plug-ins) it comes
+  from a separate clean pass (`models.update_state`), with the same result.
+  """
+  grad_fn = make_grad_fn(config, model, loss_fn)
+  state_aware = _REGISTRY[config.method].state_aware
+
+  def state_grad_fn(params, batch, key, model_state):
+    if not model_state:
+      return (*grad_fn(params, batch, key), model_state)
+    new_state = None
+    if state_aware:
+      loss, grads, new_state = grad_fn(params, batch, key, model_state)
+    else:
+      loss, grads = grad_fn(params, batch, key)
+    if new_state is None:
+      new_state = models.update_state(model, params, model_state, batch[0])
+    return loss, grads, new_state
+
+  return state_grad_fn
+
+
+def _outputs(out: tuple[Any, Params], model_state: Any) -> tuple:
+  """`(loss, grads)`, or `(loss, grads, aux)` from `((loss, aux), grads)`
+  when called with a model state."""
+  if not model_state:
+    return out
+  (loss, aux), grads = out
+  return loss, grads, aux
+
+
 def _nonneg(config: Any, field: str) -> None:
   value = config[field]
   if not isinstance(value, (int, float)) or not (
@@ -121,14 +185,17 @@ def _check_sam(config: Any) -> None:
     )
 
 
-@register("sgd")
+@register("sgd", state_aware=True)
 def _sgd(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
   del config
-  obj = models.make_objective(model, loss_fn)
 
-  def grad_fn(params: Params, batch: Batch, key: Array):
+  def grad_fn(params: Params, batch: Batch, key: Array, model_state=None):
     del key
-    return jax.value_and_grad(obj.loss)(params, batch)
+    obj = models.make_objective(model, loss_fn, model_state)
+    if not model_state:
+      return jax.value_and_grad(obj.loss)(params, batch)
+    out = jax.value_and_grad(obj.loss_and_aux, has_aux=True)(params, batch)
+    return _outputs(out, model_state)
 
   return grad_fn
 
@@ -147,12 +214,12 @@ def _check_per_example_norm(config: Any, model: nn.Module) -> None:
 def _sam_factory(variant: str) -> Factory:
   def factory(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
     _check_per_example_norm(config, model)
-    obj: Objective = models.make_objective(model, loss_fn)
     rho, group_size, adaptive = config.rho, config.group_size, config.adaptive
 
-    def grad_fn(params: Params, batch: Batch, key: Array):
+    def grad_fn(params: Params, batch: Batch, key: Array, model_state=None):
       del key
-      return sam_gradient(
+      obj: Objective = models.make_objective(model, loss_fn, model_state)
+      out = sam_gradient(
         obj,
         params,
         batch,
@@ -160,16 +227,18 @@ def _sam_factory(variant: str) -> Factory:
         variant=variant,
         group_size=group_size,
         adaptive=adaptive,
+        has_aux=bool(model_state),
       )
+      return _outputs(out, model_state)
 
     return grad_fn
 
   return factory
 
 
-register("sam", validate=_check_sam)(_sam_factory("sam"))
-register("l-sam", validate=_check_sam)(_sam_factory("logit"))
-register("j-sam", validate=_check_sam)(_sam_factory("jacobian"))
+_SAM_VARIANTS = {"sam": "sam", "l-sam": "logit", "j-sam": "jacobian"}
+for _name, _variant in _SAM_VARIANTS.items():
+  register(_name, validate=_check_sam, state_aware=True)(_sam_factory(_variant))
 
 
 # Regularisers of sam_jax.regularizers (A5, B3, B4), each a method by its
@@ -211,14 +280,20 @@ def _check_regularizer(name: str) -> Callable[[Any], None]:
 
 def _regularizer_factory(name: str) -> Factory:
   def factory(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
-    obj = models.make_objective(model, loss_fn)
     hparams = {f: config[f] for f in REGULARIZER_FIELDS[name] if f in config}
-    features_fn = models.features_fn(model)
 
-    def grad_fn(params: Params, batch: Batch, key: Array):
-      return regularizers.regularized_gradient(
-        name, obj, params, batch, key, features_fn=features_fn, **hparams
+    def grad_fn(params: Params, batch: Batch, key: Array, model_state=None):
+      out = regularizers.regularized_gradient(
+        name,
+        models.make_objective(model, loss_fn, model_state),
+        params,
+        batch,
+        key,
+        features_fn=models.features_fn(model, model_state),
+        has_aux=bool(model_state),
+        **hparams,
       )
+      return _outputs(out, model_state)
 
     return grad_fn
 
@@ -226,6 +301,6 @@ def _regularizer_factory(name: str) -> Factory:
 
 
 for _name in REGULARIZER_FIELDS:
-  register(_name, validate=_check_regularizer(_name))(
+  register(_name, validate=_check_regularizer(_name), state_aware=True)(
     _regularizer_factory(_name)
   )

@@ -24,10 +24,19 @@ every other model):
                                  written, so the objective is a function of
                                  params alone (SAM's perturbed pass cannot
                                  touch them)
+  make_objective(model, loss_fn, model_state)
+                                 the same objective, whose clean pass can
+                                 also return the running averages moved by
+                                 this batch's statistics (`apply_with_aux`
+                                 of `Objective`): a method's gradient
+                                 delivers the new state from the forward
+                                 pass it runs anyway at the unperturbed
+                                 params (`methods.make_state_grad_fn`)
   update_state(model, params, model_state, x)
-                                 the running averages after one clean
-                                 forward pass at `params` (the trainer calls
-                                 it once per step, at the unperturbed point)
+                                 the running averages after a separate
+                                 clean forward pass at `params` (the
+                                 fallback for methods without a full-batch
+                                 clean pass, e.g. m-SAM)
   eval_features_fn               evaluation: running averages
 """
 
@@ -214,32 +223,70 @@ def train_apply(model: nn.Module, params: Params, x: Array, **kwargs) -> Any:
   return out
 
 
+def state_apply(
+  model: nn.Module,
+  params: Params,
+  model_state: ModelState,
+  x: Array,
+  **kwargs,
+) -> tuple[Any, ModelState]:
+  """`(model(params, x), new model_state)` of one training-mode pass.
+
+  The output equals `train_apply`'s; the state (BatchNorm) is moved towards
+  this batch's statistics. `model_state` must not be empty.
+  """
+  variables = {"params": params, **model_state}
+  out, new = model.apply(variables, x, mutable=tuple(model_state), **kwargs)
+  return out, dict(new)
+
+
 def update_state(
   model: nn.Module, params: Params, model_state: ModelState, x: Array
 ) -> ModelState:
   """The model state after a training-mode forward pass at `params` on `x`.
 
   For BatchNorm: running averages moved towards this batch's statistics.
-  `{}` (stateless model) is returned as is, at no cost.
+  `{}` (stateless model) is returned as is, at no cost. This is a pass of
+  its own; the trainer uses it only where the method's gradient has no
+  full-batch clean pass to take the state from.
   """
   if not model_state:
     return model_state
-  variables = {"params": params, **model_state}
-  _, new = model.apply(variables, x, mutable=tuple(model_state))
-  return dict(new)
+  return state_apply(model, params, model_state, x)[1]
 
 
 def make_objective(
-  model: nn.Module, loss_fn: Callable[[Array, Array], Array]
+  model: nn.Module,
+  loss_fn: Callable[[Array, Array], Array],
+  model_state: ModelState | None = None,
 ) -> Objective:
-  """`Objective` with `apply_fn(p, x)` the model in training mode."""
-  return Objective(lambda p, x: train_apply(model, p, x), loss_fn)
+  """`Objective` with `apply_fn(p, x)` the model in training mode.
+
+  With a non-empty `model_state` it also has `apply_with_aux(p, x) ->
+  (logits, new model_state)` (`state_apply`): the same logits, and the
+  state moved by the batch statistics of that pass.
+  """
+  apply_fn = lambda p, x: train_apply(model, p, x)
+  if not model_state:
+    return Objective(apply_fn, loss_fn)
+  with_state = lambda p, x: state_apply(model, p, model_state, x)
+  return Objective(apply_fn, loss_fn, with_state)
 
 
-def features_fn(model: nn.Module) -> Callable[[Params, Array], Any]:
+def features_fn(
+  model: nn.Module, model_state: ModelState | None = None
+) -> Callable[[Params, Array], Any]:
   """`(params, x) -> (logits [B, K], features [B, D])` for the penalties
-  (training mode, like `make_objective`)."""
-  return lambda p, x: train_apply(model, p, x, return_features=True)
+  (training mode, like `make_objective`).
+
+  With a non-empty `model_state`: `(params, x) -> ((logits, features),
+  new model_state)`, the `has_aux` form of `regularizers.penalized_loss`.
+  """
+  if not model_state:
+    return lambda p, x: train_apply(model, p, x, return_features=True)
+  return lambda p, x: state_apply(
+    model, p, model_state, x, return_features=True
+  )
 
 
 def eval_features_fn(

@@ -9,9 +9,15 @@ two halves apart so that every product in `sam_jax` can be written once.
   apply_fn(params, x) -> logits [B, K]
   loss_fn(logits, y)  -> per-example loss [B]
   batch = (x, y)
+
+An `Objective` may also carry `apply_with_aux(params, x) -> (logits, aux)`,
+the same pass as `apply_fn` with a by-product (a BatchNorm model's updated
+running averages, `sam_jax.models.make_objective`). Callers that ask for it
+(`has_aux=True` of `sam_gradient`, `regularizers.penalized_loss`, ...) take
+the aux of their clean pass at `params` instead of running another pass.
 """
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +69,25 @@ class Objective(NamedTuple):
   Attributes:
     apply_fn: `(params, x) -> logits [B, K]`.
     loss_fn: `(logits [B, K], y) -> per-example loss [B]`.
+    apply_with_aux: optional `(params, x) -> (logits, aux)`, the logits of
+      `apply_fn` and a by-product of the same pass (None: no aux).
   """
 
   apply_fn: Callable[[Params, Array], Array]
   loss_fn: Callable[[Array, Array], Array]
+  apply_with_aux: Optional[Callable[[Params, Array], tuple[Array, Any]]] = None
+
+  def apply_and_aux(self, params: Params, x: Array) -> tuple[Array, Any]:
+    """`(logits, aux)` of one pass; aux is None without `apply_with_aux`."""
+    if self.apply_with_aux is None:
+      return self.apply_fn(params, x), None
+    return self.apply_with_aux(params, x)
+
+  def loss_and_aux(self, params: Params, batch: Batch) -> tuple[Array, Any]:
+    """`(L(w), aux)` from one pass (see `apply_and_aux`)."""
+    x, y = batch
+    logits, aux = self.apply_and_aux(params, x)
+    return jnp.mean(self.loss_fn(logits, y)), aux
 
   def per_example_loss(self, params: Params, batch: Batch) -> Array:
     """Per-example losses `l(f(w, x_i), y_i)`, shape [B]."""

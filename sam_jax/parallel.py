@@ -147,7 +147,9 @@ def per_device(
   stochastic methods draw independent noise per device.
 
   The result equals `grad_fn` with SAM's `group_size = B / D` on one
-  device (m-sharpness), up to floating-point reassociation.
+  device (m-sharpness), up to floating-point reassociation. Model state
+  (BatchNorm) is not its business: `train.make_train_step` moves the
+  running averages by a clean full-batch pass outside it.
   """
 
   def local(*args):

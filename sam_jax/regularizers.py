@@ -21,6 +21,12 @@ The sigma of the trace penalties is the weight-noise sigma:
 `E L(w + delta) = L + sigma^2/2 Tr H + O(sigma^4)`. Nothing here jits; the
 names and the static hyperparameters (`squared`, `num_probes`, `estimator`)
 are Python values, `rho`, `sigma` and the lambdas may be traced.
+
+Every regulariser evaluates the clean loss `L(w)` in a forward pass at the
+unperturbed `w` (weight noise too, for logging; its gradient is taken at
+`w + delta`). With `has_aux=True` that pass also returns the aux of
+`Objective.apply_with_aux` (a BatchNorm model's new running averages), so a
+trainer needs no pass of its own for the model state.
 """
 
 import math
@@ -52,20 +58,33 @@ def safe_norm(tree: Params) -> Array:
 # Gradient penalties (PAPERS.md B3). ----------------------------------------
 
 
-def _loss_and_grad_norm(obj, params, batch, squared):
-  loss, g = jax.value_and_grad(obj.loss)(params, batch)
-  return loss, _sq_norm(g) if squared else safe_norm(g)
+def _clean_loss(obj, params, batch, has_aux=False):
+  """`(L(w), aux)`: aux of the same pass with `has_aux`, else None."""
+  if has_aux:
+    return obj.loss_and_aux(params, batch)
+  return obj.loss(params, batch), None
 
 
-def _gradient_penalty_grad(obj, params, batch, rho, squared):
-  loss, g = jax.value_and_grad(obj.loss)(params, batch)
+def _clean_value_and_grad(obj, params, batch, has_aux):
+  """`((L(w), aux), grad L(w))` from one pass (aux as `_clean_loss`)."""
+  clean = lambda w: _clean_loss(obj, w, batch, has_aux)
+  return jax.value_and_grad(clean, has_aux=True)(params)
+
+
+def _loss_and_grad_norm(obj, params, batch, squared, has_aux=False):
+  (loss, aux), g = _clean_value_and_grad(obj, params, batch, has_aux)
+  return (loss, aux), _sq_norm(g) if squared else safe_norm(g)
+
+
+def _gradient_penalty_grad(obj, params, batch, rho, squared, has_aux):
+  (loss, aux), g = _clean_value_and_grad(obj, params, batch, has_aux)
   if squared:
     d = jax.tree.map(lambda a: 2 * a, g)
   else:
     norm = safe_norm(g)
     d = jax.tree.map(lambda a: a / jnp.where(norm > 0, norm, 1), g)
   hd = curvature.hvp(obj, params, batch, d)
-  return loss, jax.tree.map(lambda a, b: a + rho * b, g, hd)
+  return (loss, aux), jax.tree.map(lambda a, b: a + rho * b, g, hd)
 
 
 def gradient_norm(
@@ -79,10 +98,15 @@ def gradient_norm(
   return _loss_and_grad_norm(obj, params, batch, squared)[1]
 
 
-def _gn_gradient_norm(obj, params, batch, squared):
+def _gn_gradient_norm(obj, params, batch, squared, has_aux=False):
   x, y = batch
   f = lambda w: obj.apply_fn(w, x)
-  z_BxK, f_vjp = jax.vjp(f, params)
+  if has_aux:
+    z_BxK, f_vjp, aux = jax.vjp(
+      lambda w: obj.apply_and_aux(w, x), params, has_aux=True
+    )
+  else:
+    (z_BxK, f_vjp), aux = jax.vjp(f, params), None
   loss, r_BxK = obj.residual(z_BxK, y)  # r = dL/dz, differentiable in w
   g = lax.stop_gradient(f_vjp(r_BxK)[0])
   norm = safe_norm(g)
@@ -93,7 +117,8 @@ def _gn_gradient_norm(obj, params, batch, squared):
   # c = J d with J, d held fixed: grad_w <c, r(w)> = J^T (H_z/B) c = GN d.
   c_BxK = lax.stop_gradient(jax.jvp(f, (params,), (d,))[1])
   cr = jnp.vdot(c_BxK, r_BxK)
-  return loss, lax.stop_gradient(value) + cr - lax.stop_gradient(cr)
+  penalty = lax.stop_gradient(value) + cr - lax.stop_gradient(cr)
+  return (loss, aux), penalty
 
 
 def gn_gradient_norm(
@@ -316,8 +341,9 @@ def penalized_loss(
   key: Optional[Array] = None,
   *,
   features_fn: Optional[FeaturesFn] = None,
+  has_aux: bool = False,
   **hparams,
-) -> tuple[Array, Array]:
+) -> tuple[Array, Any]:
   """The regularised objective of `name` and the clean batch loss.
 
   Args:
@@ -328,6 +354,10 @@ def penalized_loss(
     key: PRNG key; required by weight-noise, trace-h and trace-gn.
     features_fn: `(params, x) -> (logits, features)`, required by sgd+reg
       (e.g. `sam_jax.models.features_fn(model)`).
+    has_aux: also return the aux of the clean pass at `params`
+      (`obj.apply_with_aux`; for sgd+reg, whose clean pass is
+      `features_fn`, `features_fn` must then return
+      `((logits, features), aux)`).
     **hparams: `rho` (>= 0), `squared` for the gradient penalties; `sigma`
       (>= 0) for weight noise and the traces; `num_probes` (int >= 1) and
       `estimator` ("jvp", "sampled-label", "sampled-label-fixed") for the
@@ -335,6 +365,7 @@ def penalized_loss(
 
   Returns:
     `(total, clean_loss)`: differentiate `total`; `clean_loss = L(w)`.
+    With `has_aux`: `(total, (clean_loss, aux))`.
 
   Raises:
     ValueError: unknown name or hyperparameter, a bad value, or a missing
@@ -343,33 +374,50 @@ def penalized_loss(
   hp = _resolve(name, hparams)
   if name in _RANDOM and key is None:
     raise ValueError(f"{name}: needs a PRNG key, got key=None")
+  total, (loss, aux) = _penalized_loss(
+    name, hp, obj, params, batch, key, features_fn, has_aux
+  )
+  return total, ((loss, aux) if has_aux else loss)
+
+
+def _penalized_loss(name, hp, obj, params, batch, key, features_fn, has_aux):
+  """`(total, (clean_loss, aux))` of `penalized_loss` (aux None unless
+  has_aux)."""
   if name == "penalty":
-    loss, pen = _loss_and_grad_norm(obj, params, batch, hp["squared"])
-    return loss + hp["rho"] * pen, loss
+    (loss, aux), pen = _loss_and_grad_norm(
+      obj, params, batch, hp["squared"], has_aux
+    )
+    return loss + hp["rho"] * pen, (loss, aux)
   if name == "penalty-gn":
-    loss, pen = _gn_gradient_norm(obj, params, batch, hp["squared"])
-    return loss + hp["rho"] * pen, loss
+    (loss, aux), pen = _gn_gradient_norm(
+      obj, params, batch, hp["squared"], has_aux
+    )
+    return loss + hp["rho"] * pen, (loss, aux)
   if name == "sgd+reg":
     if features_fn is None:
       raise ValueError(
         "sgd+reg: needs features_fn(params, x) -> (logits, features)"
       )
     x, y = batch
-    logits, feats = features_fn(params, x)
+    out, aux = features_fn(params, x), None
+    if has_aux:
+      out, aux = out
+    logits, feats = out
     loss = jnp.mean(obj.loss_fn(logits, y))
     total = loss + hp["lambda_w"] * last_layer_sq_norm(params)
-    return total + hp["lambda_a"] * mean_feature_sq_norm(feats), loss
-  loss = obj.loss(params, batch)
+    total = total + hp["lambda_a"] * mean_feature_sq_norm(feats)
+    return total, (loss, aux)
+  loss, aux = _clean_loss(obj, params, batch, has_aux)
   sigma = hp["sigma"]
   if name == "weight-noise":
     delta = sample_weight_noise(params, key, sigma)
     noisy = jax.tree.map(jnp.add, params, lax.stop_gradient(delta))
-    return obj.loss(noisy, batch), lax.stop_gradient(loss)
+    return obj.loss(noisy, batch), (lax.stop_gradient(loss), aux)
   if name == "trace-h":
     trace = hessian_trace(obj, params, batch, key, hp["num_probes"])
   else:
     trace = gn_trace(obj, params, batch, key, hp["num_probes"], hp["estimator"])
-  return loss + 0.5 * sigma**2 * trace, loss
+  return loss + 0.5 * sigma**2 * trace, (loss, aux)
 
 
 def regularized_gradient(
@@ -380,9 +428,12 @@ def regularized_gradient(
   key: Optional[Array] = None,
   *,
   features_fn: Optional[FeaturesFn] = None,
+  has_aux: bool = False,
   **hparams,
-) -> tuple[Array, Params]:
+) -> tuple[Any, Params]:
   """`(clean_loss, grad of penalized_loss)`; same arguments as `penalized_loss`.
+
+  With `has_aux`: `((clean_loss, aux), grads)`, aux from the clean pass.
 
   The gradient is the method's update direction, e.g. for penalty
   `g + rho H g/||g||`, for weight-noise `grad L(w + delta)`. For
@@ -392,9 +443,19 @@ def regularized_gradient(
   """
   if name == "penalty":
     hp = _resolve(name, hparams)
-    return _gradient_penalty_grad(obj, params, batch, hp["rho"], hp["squared"])
+    (loss, aux), grads = _gradient_penalty_grad(
+      obj, params, batch, hp["rho"], hp["squared"], has_aux
+    )
+    return ((loss, aux) if has_aux else loss), grads
   fn = lambda w: penalized_loss(
-    name, obj, w, batch, key, features_fn=features_fn, **hparams
+    name,
+    obj,
+    w,
+    batch,
+    key,
+    features_fn=features_fn,
+    has_aux=has_aux,
+    **hparams,
   )
-  (_, loss), grads = jax.value_and_grad(fn, has_aux=True)(params)
-  return loss, grads
+  (_, out), grads = jax.value_and_grad(fn, has_aux=True)(params)
+  return out, grads

@@ -11,7 +11,8 @@ the globally average-pooled activations it reads) and take inputs
            has a `batch_stats` collection; it normalises with the batch's
            statistics when `batch_stats` is mutable (training, init) and with
            the running averages otherwise (evaluation). See
-           `sam_jax.models.init` / `update_state` for how training keeps it.
+           `sam_jax.models` (`init`, `make_objective`) for how training
+           keeps it.
   "layer"  LayerNorm over (H, W, C) per example with a per-channel scale and
            bias: GroupNorm with one group (Wu & He 2018), the swap the
            label-noise paper makes for per-example SAM (PAPERS.md A1).

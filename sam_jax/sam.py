@@ -132,10 +132,19 @@ def _group_sam_gradient(
   adaptive: bool,
   eta: float,
   clean_grads: Optional[Any] = None,
-) -> tuple[jax.Array, Any]:
-  """SAM gradient of one group (its mean loss), any variant."""
+  has_aux: bool = False,
+) -> tuple[Any, Any]:
+  """SAM gradient of one group (its mean loss), any variant.
+
+  `has_aux`: the loss is `(loss, aux)` with aux that of the clean pass.
+  """
   apply = lambda p: obj.apply_fn(p, x)
-  z, vjp_clean = jax.vjp(apply, params)
+  if has_aux:
+    z, vjp_clean, aux = jax.vjp(
+      lambda p: obj.apply_and_aux(p, x), params, has_aux=True
+    )
+  else:
+    z, vjp_clean = jax.vjp(apply, params)
   loss, r = obj.residual(z, y)
   unwrap = lambda fn: lambda u: fn(u)[0]
   if clean_grads is None:
@@ -148,7 +157,7 @@ def _group_sam_gradient(
     (z_pert, unwrap(vjp_pert)),
     lambda z_: obj.residual(z_, y)[1],
   )
-  return loss, grads
+  return ((loss, aux) if has_aux else loss), grads
 
 
 def _check_args(variant: str, group_size: Any, batch_size: int) -> None:
@@ -181,7 +190,8 @@ def sam_gradient(
   eta: float = 0.01,
   clean_grads: Optional[Any] = None,
   fast: bool = True,
-) -> tuple[jax.Array, Any]:
+  has_aux: bool = False,
+) -> tuple[Any, Any]:
   """The SAM gradient of the batch loss, in any variant and granularity.
 
   Args:
@@ -200,18 +210,34 @@ def sam_gradient(
       n-SAM (group_size None or B), to avoid recomputing it.
     fast: use the per-example fast path for 1-SAM when the model supports
       it (`sam_jax.per_example`); False forces the general path.
+    has_aux: also return the aux of `obj.apply_with_aux` from the clean
+      full-batch pass at `w` (n-SAM), e.g. a BatchNorm model's new state;
+      None for m-SAM and 1-SAM, whose clean passes are per group.
 
   Returns:
     `(loss, grads)`: the clean batch loss at `w` and the averaged group
-    gradients at their perturbed points.
+    gradients at their perturbed points; `((loss, aux), grads)` with
+    `has_aux`.
   """
   x, y = batch
   batch_size = x.shape[0]
   _check_args(variant, group_size, batch_size)
   if group_size is None or group_size == batch_size:
     return _group_sam_gradient(
-      obj, params, x, y, rho, variant, adaptive, eta, clean_grads
+      obj, params, x, y, rho, variant, adaptive, eta, clean_grads, has_aux
     )
+  loss, grads = _grouped_sam_gradient(
+    obj, params, batch, rho, variant, group_size, adaptive, eta, fast
+  )
+  return ((loss, None) if has_aux else loss), grads
+
+
+def _grouped_sam_gradient(
+  obj, params, batch, rho, variant, group_size, adaptive, eta, fast
+):
+  """m-SAM and 1-SAM: `(loss, grads)` averaged over groups of group_size."""
+  x, y = batch
+  batch_size = x.shape[0]
   if group_size == 1 and fast and not adaptive:
     plan = per_example.plan(obj.apply_fn, params, x)
     if plan is not None:

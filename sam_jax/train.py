@@ -160,22 +160,33 @@ def make_train_step(
   `sam_jax.parallel.per_device` for a per-device SAM perturbation.
 
   Model state (BatchNorm): every method's gradient uses batch statistics
-  and never reads or writes the running averages; they are updated once
-  per step from a clean training-mode pass at the unperturbed `params` on
-  the step's batch (`models.update_state`), so SAM's perturbed pass (or
-  weight noise, ...) never changes them. That pass repeats the clean
-  forward of the gradient inside the same jitted step; its cost is measured
-  in `benchmarks/train_throughput.py`.
+  and never reads the running averages; they are moved once per step by
+  the statistics of the clean training-mode pass at the unperturbed
+  `params` on the step's batch, so SAM's perturbed pass (or weight noise,
+  ...) never changes them. That pass is the one the method's gradient runs
+  anyway (`methods.make_state_grad_fn`): no forward pass is repeated. Only
+  m-SAM, plug-in methods and a wrapped gradient function (per-device SAM:
+  its clean passes see one device's shard) take the state from a separate
+  clean pass (`models.update_state`). Stateless models run the method's
+  gradient alone.
   """
-  grad_fn = methods.make_grad_fn(config, model, loss_fn)
-  if wrap_grad_fn is not None:
-    grad_fn = wrap_grad_fn(grad_fn)
+  if wrap_grad_fn is None:
+    state_grad_fn = methods.make_state_grad_fn(config, model, loss_fn)
+  else:
+    grad_fn = wrap_grad_fn(methods.make_grad_fn(config, model, loss_fn))
+
+    def state_grad_fn(params, batch, key, model_state):
+      loss, grads = grad_fn(params, batch, key)
+      return (
+        loss,
+        grads,
+        models.update_state(model, params, model_state, batch[0]),
+      )
 
   def train_step(state: TrainState, batch: Batch, key: Array):
     key = jax.random.fold_in(key, state.step)
-    loss, grads = grad_fn(state.params, batch, key)
-    model_state = models.update_state(
-      model, state.params, state.model_state, batch[0]
+    loss, grads, model_state = state_grad_fn(
+      state.params, batch, key, state.model_state
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
