@@ -12,16 +12,17 @@ the table gives images/s from the median step time, the median and range
 of the step time over repetitions, and the ratio of the median to the SGD
 step of the same network.
 
-Networks: ResNet-18 with BatchNorm (SGD, n-SAM and its logit/Jacobian
-variants) and with LayerNorm, the paper's network for per-example SAM
-(everything, 1-SAM included). Two rows isolate the running averages:
-`sgd w/o BN stats update` runs the BN step with an empty model state (the
-difference to `sgd` is what updating them costs now: a few elementwise
-ops on the statistics the gradient's pass computes anyway), and `sgd +
-separate BN stats pass` takes them from a second clean forward pass
-(`models.update_state`, the trainer's fallback for m-SAM and per-device
-SAM, and how every step worked before). `--width` is the first stage's width
-(64 is ResNet-18); `--tiny` runs width 4, batch 8, 1 rep (a smoke test).
+Networks: ResNet-18 with BatchNorm (SGD, n-SAM, m-SAM with groups of 16,
+ASAM, and the logit/Jacobian variants) and with LayerNorm, the paper's
+network for per-example SAM (everything, 1-SAM included). Two rows
+isolate the running averages: `sgd w/o BN stats update` runs the BN step
+with an empty model state (the difference to `sgd` is what updating them
+costs now: a few elementwise ops on the statistics the gradient's pass
+computes anyway), and `sgd + separate BN stats pass` takes them from a
+second clean forward pass (`models.update_state`, the trainer's fallback
+for m-SAM and per-device SAM, and how every step worked before).
+`--width` is the first stage's width (64 is ResNet-18); `--tiny` runs
+width 4, batch 16, 1 rep (a smoke test).
 """
 
 import argparse
@@ -33,12 +34,15 @@ import ml_collections
 from benchmarks import timing
 from sam_jax import models, train
 
-# label -> (norm, method, group_size); rho is 0.05 for every SAM row.
+# label -> (norm, method, group_size[, adaptive]); rho is 0.05 for every
+# SAM row (ASAM's rho is in its own, parameter-scaled units).
 ROWS = {
   "sgd (BN)": ("batch", "sgd", None),
   "sgd w/o BN stats update (BN)": ("batch", "sgd", None),
   "sgd + separate BN stats pass (BN)": ("batch", "sgd", None),
   "sam (BN)": ("batch", "sam", None),
+  "m-sam(16) (BN)": ("batch", "sam", 16),
+  "asam (BN)": ("batch", "sam", None, True),
   "l-sam (BN)": ("batch", "l-sam", None),
   "j-sam (BN)": ("batch", "j-sam", None),
   "sgd (LN)": ("layer", "sgd", None),
@@ -52,13 +56,15 @@ ROWS = {
 NUM_CLASSES = 10
 
 
-def make_config(method: str, group_size, batch: int, width: int, norm: str):
+def make_config(
+  method: str, group_size, batch: int, width: int, norm: str, adaptive=False
+):
   return ml_collections.ConfigDict(
     dict(
       method=method,
       rho=0.05,
       group_size=group_size,
-      adaptive=False,
+      adaptive=adaptive,
       batch_size=batch,
       learning_rate=0.01,
       momentum=0.9,
@@ -74,8 +80,8 @@ def make_config(method: str, group_size, batch: int, width: int, norm: str):
 
 def make_run(label: str, batch: int, width: int, x):
   """A jitted, donated `state -> state` step and its initial state."""
-  norm, method, group_size = ROWS[label]
-  config = make_config(method, group_size, batch, width, norm)
+  norm, method, group_size, *adaptive = ROWS[label]
+  config = make_config(method, group_size, batch, width, norm, *adaptive)
   model = train.make_model(config, NUM_CLASSES)
   tx = train.make_optimizer(config, steps_per_epoch=1)
   params, model_state = models.init(model, jax.random.key(0), x[:1])
@@ -116,7 +122,7 @@ def main():
   )
   args = parser.parse_args()
   if args.tiny:
-    args.batch, args.width, args.reps, args.steps = 8, 4, 1, 1
+    args.batch, args.width, args.reps, args.steps = 16, 4, 1, 1
   labels = [r.strip() for r in args.rows.split(",") if r.strip()] or list(ROWS)
   for label in labels:
     if label not in ROWS:
