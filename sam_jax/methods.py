@@ -192,10 +192,9 @@ def _sgd(config: Any, model: nn.Module, loss_fn: LossFn) -> GradFn:
   def grad_fn(params: Params, batch: Batch, key: Array, model_state=None):
     del key
     obj = models.make_objective(model, loss_fn, model_state)
-    if not model_state:
-      return jax.value_and_grad(obj.loss)(params, batch)
     out = jax.value_and_grad(obj.loss_and_aux, has_aux=True)(params, batch)
-    return _outputs(out, model_state)
+    (loss, aux), grads = out
+    return (loss, grads, aux) if model_state else (loss, grads)
 
   return grad_fn
 

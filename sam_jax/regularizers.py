@@ -58,26 +58,19 @@ def safe_norm(tree: Params) -> Array:
 # Gradient penalties (PAPERS.md B3). ----------------------------------------
 
 
-def _clean_loss(obj, params, batch, has_aux=False):
-  """`(L(w), aux)`: aux of the same pass with `has_aux`, else None."""
-  if has_aux:
-    return obj.loss_and_aux(params, batch)
-  return obj.loss(params, batch), None
+def _clean_value_and_grad(obj, params, batch):
+  """`((L(w), aux), grad L(w))` from one pass (`Objective.loss_and_aux`;
+  aux is None for an objective without apply_with_aux)."""
+  return jax.value_and_grad(obj.loss_and_aux, has_aux=True)(params, batch)
 
 
-def _clean_value_and_grad(obj, params, batch, has_aux):
-  """`((L(w), aux), grad L(w))` from one pass (aux as `_clean_loss`)."""
-  clean = lambda w: _clean_loss(obj, w, batch, has_aux)
-  return jax.value_and_grad(clean, has_aux=True)(params)
-
-
-def _loss_and_grad_norm(obj, params, batch, squared, has_aux=False):
-  (loss, aux), g = _clean_value_and_grad(obj, params, batch, has_aux)
+def _loss_and_grad_norm(obj, params, batch, squared):
+  (loss, aux), g = _clean_value_and_grad(obj, params, batch)
   return (loss, aux), _sq_norm(g) if squared else safe_norm(g)
 
 
-def _gradient_penalty_grad(obj, params, batch, rho, squared, has_aux):
-  (loss, aux), g = _clean_value_and_grad(obj, params, batch, has_aux)
+def _gradient_penalty_grad(obj, params, batch, rho, squared):
+  (loss, aux), g = _clean_value_and_grad(obj, params, batch)
   if squared:
     d = jax.tree.map(lambda a: 2 * a, g)
   else:
@@ -98,15 +91,12 @@ def gradient_norm(
   return _loss_and_grad_norm(obj, params, batch, squared)[1]
 
 
-def _gn_gradient_norm(obj, params, batch, squared, has_aux=False):
+def _gn_gradient_norm(obj, params, batch, squared):
   x, y = batch
   f = lambda w: obj.apply_fn(w, x)
-  if has_aux:
-    z_BxK, f_vjp, aux = jax.vjp(
-      lambda w: obj.apply_and_aux(w, x), params, has_aux=True
-    )
-  else:
-    (z_BxK, f_vjp), aux = jax.vjp(f, params), None
+  z_BxK, f_vjp, aux = jax.vjp(
+    lambda w: obj.apply_and_aux(w, x), params, has_aux=True
+  )
   loss, r_BxK = obj.residual(z_BxK, y)  # r = dL/dz, differentiable in w
   g = lax.stop_gradient(f_vjp(r_BxK)[0])
   norm = safe_norm(g)
@@ -384,14 +374,10 @@ def _penalized_loss(name, hp, obj, params, batch, key, features_fn, has_aux):
   """`(total, (clean_loss, aux))` of `penalized_loss` (aux None unless
   has_aux)."""
   if name == "penalty":
-    (loss, aux), pen = _loss_and_grad_norm(
-      obj, params, batch, hp["squared"], has_aux
-    )
+    (loss, aux), pen = _loss_and_grad_norm(obj, params, batch, hp["squared"])
     return loss + hp["rho"] * pen, (loss, aux)
   if name == "penalty-gn":
-    (loss, aux), pen = _gn_gradient_norm(
-      obj, params, batch, hp["squared"], has_aux
-    )
+    (loss, aux), pen = _gn_gradient_norm(obj, params, batch, hp["squared"])
     return loss + hp["rho"] * pen, (loss, aux)
   if name == "sgd+reg":
     if features_fn is None:
@@ -407,7 +393,7 @@ def _penalized_loss(name, hp, obj, params, batch, key, features_fn, has_aux):
     total = loss + hp["lambda_w"] * last_layer_sq_norm(params)
     total = total + hp["lambda_a"] * mean_feature_sq_norm(feats)
     return total, (loss, aux)
-  loss, aux = _clean_loss(obj, params, batch, has_aux)
+  loss, aux = obj.loss_and_aux(params, batch)
   sigma = hp["sigma"]
   if name == "weight-noise":
     delta = sample_weight_noise(params, key, sigma)
@@ -444,7 +430,7 @@ def regularized_gradient(
   if name == "penalty":
     hp = _resolve(name, hparams)
     (loss, aux), grads = _gradient_penalty_grad(
-      obj, params, batch, hp["rho"], hp["squared"], has_aux
+      obj, params, batch, hp["rho"], hp["squared"]
     )
     return ((loss, aux) if has_aux else loss), grads
   fn = lambda w: penalized_loss(

@@ -139,12 +139,10 @@ def _group_sam_gradient(
   `has_aux`: the loss is `(loss, aux)` with aux that of the clean pass.
   """
   apply = lambda p: obj.apply_fn(p, x)
-  if has_aux:
-    z, vjp_clean, aux = jax.vjp(
-      lambda p: obj.apply_and_aux(p, x), params, has_aux=True
-    )
-  else:
-    z, vjp_clean = jax.vjp(apply, params)
+  # aux is None for an objective without apply_with_aux.
+  z, vjp_clean, aux = jax.vjp(
+    lambda p: obj.apply_and_aux(p, x), params, has_aux=True
+  )
   loss, r = obj.residual(z, y)
   unwrap = lambda fn: lambda u: fn(u)[0]
   if clean_grads is None:
