@@ -24,9 +24,12 @@ from sam_jax.objective import (
 from sam_jax.regularizers import penalized_loss, regularized_gradient
 from sam_jax.sam import (
   VARIANTS,
+  FastPath,
+  FastPathWarning,
   SamState,
   ascent_direction,
   dual_vector,
+  fast_path,
   global_norm,
   sam,
   sam_gradient,

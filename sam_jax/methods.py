@@ -227,6 +227,9 @@ def _sam_factory(variant: str) -> Factory:
         group_size=group_size,
         adaptive=adaptive,
         has_aux=bool(model_state),
+        # m-SAM with BatchNorm: each group uses its own statistics, as
+        # per-device SAM does (group_size 1 is refused above).
+        ghost_batch_norm=True,
       )
       return _outputs(out, model_state)
 

@@ -33,13 +33,21 @@ def softmax_cross_entropy(logits_BxK: Array, labels_B: Array) -> Array:
 
   Residual: `dl/dz = softmax(z) - onehot(y)`; logit Hessian
   `diag(p) - p p^T`.
+
+  A label outside [0, K) cannot raise inside jit; it gives that example a
+  NaN loss and a NaN gradient (not class K-1 for -1, nor a NaN loss with a
+  finite gradient for K), which the trainer's finiteness check reports.
   """
   if labels_B.ndim != 1 or not jnp.issubdtype(labels_B.dtype, jnp.integer):
     raise ValueError(
       "softmax_cross_entropy expects integer labels of shape [B], got "
       f"dtype {labels_B.dtype} shape {labels_B.shape}"
     )
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxK, labels_B)
+  valid_B = (labels_B >= 0) & (labels_B < logits_BxK.shape[-1])
+  nan_B = jnp.where(valid_B, 0.0, jnp.nan).astype(logits_BxK.dtype)
+  return optax.softmax_cross_entropy_with_integer_labels(
+    logits_BxK + nan_B[:, None], labels_B
+  )
 
 
 def logistic_loss(logits_Bx1: Array, signs_B: Array) -> Array:
@@ -76,6 +84,59 @@ class Objective(NamedTuple):
   apply_fn: Callable[[Params, Array], Array]
   loss_fn: Callable[[Array, Array], Array]
   apply_with_aux: Optional[Callable[[Params, Array], tuple[Array, Any]]] = None
+
+  @classmethod
+  def from_nnx(
+    cls, model: Any, loss_fn: Callable[[Array, Array], Array], wrt: Any = None
+  ) -> "Objective":
+    """An Objective of a flax NNX module, differentiable in its parameters.
+
+    `apply_fn(params, x)` merges `params` (the `nnx.Param` state, exactly
+    what `nnx.Optimizer(model, tx, wrt=nnx.Param)` hands to optax, or
+    `nnx.state(model, nnx.Param)`) with the model's other state into a
+    fresh copy of the model and calls it on x; the model itself is never
+    mutated by a pass, so the objective works inside `jax.grad`, `vmap` and
+    `nnx.jit`. `apply_with_aux` also returns the copy's new non-parameter
+    state (BatchNorm running averages): apply it with
+    `nnx.update(model, aux)`.
+
+    Randomness (Dropout): construction forks the model's RNG streams once
+    (each stream's count advances by one), and every pass of this
+    objective draws from the fork. So the clean and the perturbed passes
+    of one SAM step see the same dropout masks, and the next objective
+    (build one per step, inside the train step) sees new ones. Create it
+    where the model may be mutated: eagerly or in the `nnx.jit` function
+    that receives the model.
+
+    Args:
+      model: an `nnx.Module` mapping x to logits.
+      loss_fn: per-example loss on the logits.
+      wrt: the trainable variable filter (default `nnx.Param`).
+    """
+    from flax import nnx  # noqa: PLC0415 -- linen users need not load nnx
+
+    wrt = nnx.Param if wrt is None else wrt
+    streams = [
+      node
+      for _, node in nnx.iter_graph(model)
+      if isinstance(node, nnx.RngStream)
+    ]
+    saved = [(s.key[...], s.count[...]) for s in streams]
+    for s, (key, count) in zip(streams, saved):
+      s.key[...] = jax.random.fold_in(key, count)
+      s.count[...] = jnp.zeros_like(count)
+    graphdef, _, rest = nnx.split(model, wrt, ...)
+    rest = nnx.as_pure(rest)
+    for s, (key, count) in zip(streams, saved):
+      s.key[...] = key
+      s.count[...] = count + 1
+
+    def apply_with_aux(params: Params, x: Array) -> tuple[Array, Any]:
+      copy = nnx.merge(graphdef, params, rest)
+      logits = copy(x)
+      return logits, nnx.as_pure(nnx.split(copy, wrt, ...)[2])
+
+    return cls(lambda p, x: apply_with_aux(p, x)[0], loss_fn, apply_with_aux)
 
   def apply_and_aux(self, params: Params, x: Array) -> tuple[Array, Any]:
     """`(logits, aux)` of one pass; aux is None without `apply_with_aux`."""

@@ -1,69 +1,116 @@
-"""Fast 1-SAM: per-example perturbations injected into Dense and Conv layers.
+"""Fast 1-SAM and m-SAM: group perturbations injected into the layers.
 
 1-SAM needs, for every example i, the gradient at its own point
-`w + eps_i`, `eps_i = rho g_i / ||g_i||` (PAPERS.md A1). A `vmap` over
-examples runs B separate backward passes. For a linear layer `y = a W + b`
-the per-example gradient is `G_i = sum_p a_ip (x) delta_ip` (p over
-positions: one for Dense on [B, D], the output positions of a convolution),
-so the perturbed layer is
+`w + eps_i`, `eps_i = rho g_i / ||g_i||` (PAPERS.md A1); m-SAM the same
+with one `eps_g` per group of m examples. A `vmap` over groups runs B/m
+separate backward passes. For a linear layer `y = a W + b` the gradient of
+a group is `G_g = sum_{i in g} sum_p a_ip (x) delta_ip` (p over positions:
+one for Dense on [B, D], the output positions of a convolution), so the
+perturbed layer for example j of group g is
 
-  y'_i = a'_i (W + c_i G_i) + b + c_i gb_i,    c_i = rho / ||g_i||,
+  y'_j = a'_j (W + c_g G_g) + b + c_g gb_g,    c_g = rho / ||g_g||,
 
 i.e. the clean layer plus a correction built from the clean pass's inputs
-`a_i` and output cotangents `delta_i`. For Dense on [B, D], `G_i` is rank
-one and the correction is `c_i delta_i ((a'_i . a_i) + 1)`: almost free.
-For convolutions, `G_i` is formed from patches (strided slices of the
-input) at the cost of one more convolution. Gradients w.r.t. `W` of the
-perturbed pass are exactly those at `W + eps_i` because the correction is
-held constant. `flax.linen.intercept_methods` injects all of this into any
-model made of `nn.Dense`/`nn.Conv` without changing the model.
+`a_i` and output cotangents `delta_i`. For Dense on [B, D] and small groups
+`G_g` has rank m and the correction is `c_g sum_i delta_i ((a'_j . a_i) +
+1)`: almost free. Otherwise `G_g` is formed (for convolutions from patches,
+strided slices of the input) at the cost of about one more layer. Gradients
+w.r.t. `W` of the perturbed pass are exactly those at `W + eps_g` because
+the correction is held constant.
 
-Per-example normalisations `nn.LayerNorm`/`nn.GroupNorm` (features on the
-last axis, no statistics across the batch) are covered the same way:
-`y = xhat(a) s + b` with the parameter-free `xhat` recomputed from the
-layer's input, per-example gradients `gs_i = sum_p xhat_ip * delta_ip`,
-`gb_i = sum_p delta_ip` (per channel), and the correction
-`c_i (xhat(a'_i) gs_i + gb_i)`. `plan` returns None (and `sam_gradient`
-falls back to the general path) for anything else: other parametrised
-layers (BatchNorm), shared layers, grouped or circular convolutions, or
-non-flax models.
+Per-example normalisations (LayerNorm, GroupNorm, features on the last
+axis; BatchNorm with its running averages, i.e. in evaluation mode) are
+covered the same way: `y = xhat(a) s + b` with the parameter-free `xhat`
+recomputed from the layer's input, per-example gradients
+`gs_i = sum_p xhat_ip * delta_ip`, `gb_i = sum_p delta_ip` and the
+correction `c_g (xhat(a'_j) gs_g + gb_g)`.
+
+The layers are found by interception, without changing the model: flax
+linen modules through `flax.linen.intercept_methods`, flax NNX modules by
+wrapping the `__call__` of the NNX layer classes while a pass runs. Which
+parameter belongs to which layer is decided by identity: every leaf of
+`params` must be the weight of exactly one intercepted call, so the same
+check serves a linen params dict, a full linen variables dict, an NNX
+`nnx.Param` state and a hand-written pytree. `plan` says *why* it declines
+(`Plan.reason`): an uncovered parameter, a shared layer, a grouped
+convolution, ...; and which layer mixes examples (`Plan.mixes`: BatchNorm
+with batch statistics), for which no per-example or per-group SAM exists.
+
+Not detected: a weight that a covered layer owns but that the model also
+reads elsewhere (tied embeddings); such models need `fast=False`.
 """
 
+import contextlib
 import itertools
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from sam_jax.objective import Batch, Objective, Params
 
 
 class Layer(NamedTuple):
-  """A linear layer the fast path knows: where it is and its geometry."""
+  """A layer the fast path knows: its geometry and how to recompute it."""
 
-  name: str  # "/".join(module path)
+  name: str  # for messages: the path of its weights
   out_shape: tuple[int, ...]
   out_dtype: Any
   use_bias: bool
   conv: Optional[dict]  # None for Dense, else patch arguments
-  # Per-example norms: the layer without scale and bias (`xhat`), else None.
-  normalize: Optional[nn.Module] = None
+  norm: bool = False  # `y = xhat(a) s + b`, xhat recomputed in each pass
   use_scale: bool = False
 
 
-def _conv_args(module: nn.Conv, ndim: int) -> Optional[dict]:
-  """Arguments of `conv_general_dilated_patches` for a flax Conv, or None."""
+class Plan(NamedTuple):
+  """What the fast path would do for one model, params and batch shape.
+
+  Attributes:
+    layers: the intercepted layers in call order (empty if declined).
+    reason: why the fast path does not apply, None if it does.
+    mixes: the name of a layer that mixes the examples of a batch
+      (BatchNorm with batch statistics), or None. With such a layer no
+      group smaller than the batch has a gradient of its own.
+  """
+
+  layers: tuple[Layer, ...]
+  reason: Optional[str]
+  mixes: Optional[str]
+
+  @property
+  def applies(self) -> bool:
+    return self.reason is None
+
+
+KNOWN = (
+  "nn.Dense, nn.Conv, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm (running "
+  "averages); nnx.Linear, nnx.Conv, nnx.LayerNorm, nnx.GroupNorm, "
+  "nnx.BatchNorm (running averages)"
+)
+
+
+def _as_tuple(v: Any, nd: int) -> tuple:
+  if v is None:
+    return (1,) * nd
+  return (v,) * nd if isinstance(v, int) else tuple(v)
+
+
+def _conv_args(module: Any, ndim: int) -> tuple[Optional[dict], str]:
+  """Arguments of `conv_general_dilated_patches` for a linen or NNX Conv,
+  or `(None, why not)`."""
   nd = ndim - 2
-  as_tuple = lambda v: (
-    (v,) * nd if isinstance(v, int) else tuple(v or (1,) * nd)
-  )
-  if module.feature_group_count != 1 or module.mask is not None:
-    return None
+  if nd < 1:
+    return None, "input without a batch axis"
+  if module.feature_group_count != 1:
+    return None, "grouped convolution"
+  if getattr(module, "mask", None) is not None:
+    return None, "masked kernel"
   padding = module.padding
   if isinstance(padding, str):
     if padding not in ("SAME", "VALID"):
-      return None
+      return None, f"padding {padding!r}"
   elif isinstance(padding, int):
     padding = ((padding, padding),) * nd
   else:
@@ -71,88 +118,261 @@ def _conv_args(module: nn.Conv, ndim: int) -> Optional[dict]:
   spatial = "WHD"[:nd][::-1]
   lhs = "N" + spatial + "C"
   return dict(
-    filter_shape=as_tuple(module.kernel_size),
-    window_strides=as_tuple(module.strides),
+    filter_shape=_as_tuple(module.kernel_size, nd),
+    window_strides=_as_tuple(module.strides, nd),
     padding=padding,
-    lhs_dilation=as_tuple(module.input_dilation),
-    rhs_dilation=as_tuple(module.kernel_dilation),
+    lhs_dilation=_as_tuple(module.input_dilation, nd),
+    rhs_dilation=_as_tuple(module.kernel_dilation, nd),
     dimension_numbers=(lhs, spatial + "IO", lhs),
+  ), ""
+
+
+def _norm_xhat(module: Any, ndim: int) -> tuple[Optional[Callable], str]:
+  """`xhat` of a LayerNorm/GroupNorm (linen or NNX) that normalises each
+  example alone with per-channel (last axis) scale and bias."""
+  if module.axis_name is not None:
+    return None, "statistics across devices (axis_name)"
+  reduced = module.reduction_axes
+  common = dict(
+    epsilon=module.epsilon,
+    dtype=module.dtype,
+    use_bias=False,
+    use_scale=False,
+    use_fast_variance=module.use_fast_variance,
+  )
+  if isinstance(module, (nn.LayerNorm, nnx.LayerNorm)):
+    reduced = {a % ndim for a in _as_tuple(reduced, 1)}
+    features = {a % ndim for a in _as_tuple(module.feature_axes, 1)}
+    if 0 in reduced or features != {ndim - 1}:
+      return None, "normalises over the batch axis or not over channels last"
+    bare = nn.LayerNorm(
+      reduction_axes=module.reduction_axes,
+      feature_axes=module.feature_axes,
+      **common,
+    )
+  else:  # GroupNorm: the default reduction is per example
+    if reduced is not None or getattr(module, "feature_axis", -1) != -1:
+      return None, "custom reduction axes"
+    bare = nn.GroupNorm(num_groups=module.num_groups, group_size=None, **common)
+  return lambda a: bare.apply({}, a), ""
+
+
+def _batch_norm_xhat(module: Any, ndim: int, mean: Any, var: Any):
+  """`xhat` of a BatchNorm that uses its running averages."""
+  axis = _as_tuple(module.axis, 1)
+  if [a % ndim for a in axis] != [ndim - 1]:
+    return None, "features not on the last axis"
+  mean, var = jax.lax.stop_gradient((mean, var))
+
+  def xhat(a):
+    dtype = module.dtype or jnp.result_type(a, mean)
+    a = a.astype(dtype)
+    return (a - mean.astype(dtype)) * jax.lax.rsqrt(
+      var.astype(dtype) + module.epsilon
+    )
+
+  return xhat, ""
+
+
+class _Call(NamedTuple):
+  """One intercepted call, as `describe` sees it."""
+
+  kind: str  # "dense", "conv", "norm" or "unsupported"
+  weights: dict  # role -> array, the weights it reads
+  use_bias: bool
+  conv: Optional[dict] = None
+  normalize: Optional[Callable] = None
+  use_scale: bool = False
+  why: str = ""  # for "unsupported": why not
+  mixes: bool = False
+
+
+def _running_average(module: Any, args: tuple, kwargs: dict) -> bool:
+  flag = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+  return bool(module.use_running_average if flag is None else flag)
+
+
+def _describe(module: Any, args: tuple, kwargs: dict) -> Optional[_Call]:
+  """What a call of a known layer class does; None for other modules."""
+  a = args[0]
+  kind = type(module)
+  if kind in (nn.Dense, nn.Conv, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm):
+    params = module.variables.get("params", {})
+    weights = {k: params[k] for k in ("kernel", "scale", "bias") if k in params}
+  elif kind in (nnx.Linear, nnx.Conv, nnx.LayerNorm, nnx.GroupNorm):
+    weights = {
+      k: getattr(module, k)[...]
+      for k in ("kernel", "scale", "bias")
+      if getattr(module, k, None) is not None
+    }
+  elif kind is nnx.BatchNorm:
+    weights = {
+      k: getattr(module, k)[...]
+      for k in ("scale", "bias")
+      if getattr(module, k, None) is not None
+    }
+  else:
+    return None
+  use_bias = "bias" in weights
+  if kind in (nn.Dense, nnx.Linear):
+    return _Call("dense", weights, use_bias)
+  if kind in (nn.Conv, nnx.Conv):
+    conv, why = _conv_args(module, a.ndim)
+    if conv is None:
+      return _Call("unsupported", weights, use_bias, why=why)
+    return _Call("conv", weights, use_bias, conv=conv)
+  if kind in (nn.BatchNorm, nnx.BatchNorm):
+    if not _running_average(module, args, kwargs):
+      return _Call(
+        "unsupported", weights, use_bias, why="batch statistics", mixes=True
+      )
+    if kind is nn.BatchNorm:
+      stats = module.variables["batch_stats"]
+      mean, var = stats["mean"], stats["var"]
+    else:
+      mean, var = module.mean[...], module.var[...]
+    xhat, why = _batch_norm_xhat(module, a.ndim, mean, var)
+  else:
+    xhat, why = _norm_xhat(module, a.ndim)
+  if xhat is None:
+    return _Call("unsupported", weights, use_bias, why=why)
+  return _Call(
+    "norm", weights, use_bias, normalize=xhat, use_scale="scale" in weights
   )
 
 
-def _normalizer(module: nn.Module, ndim: int) -> Optional[nn.Module]:
-  """`module` without its affine part, if it normalises each example alone
-  with per-channel (last axis) scale and bias; else None."""
-  if module.axis_name is not None:
-    return None
-  if type(module) is nn.LayerNorm:
-    as_tuple = lambda v: (v,) if isinstance(v, int) else tuple(v)
-    reduced = {a % ndim for a in as_tuple(module.reduction_axes)}
-    if 0 in reduced or {a % ndim for a in as_tuple(module.feature_axes)} != {
-      ndim - 1
-    }:
-      return None
-  elif module.reduction_axes is not None:  # GroupNorm: default is per example
-    return None
-  return module.clone(parent=None, name=None, use_scale=False, use_bias=False)
+_NNX_CLASSES = (
+  nnx.Linear,
+  nnx.Conv,
+  nnx.LayerNorm,
+  nnx.GroupNorm,
+  nnx.BatchNorm,
+)
 
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm)
+_PAUSED = [0]  # > 0 while the fast path runs layers of its own
 
 
-def plan(apply_fn: Any, params: Params, x: jax.Array) -> Optional[tuple]:
-  """The layers of `apply_fn` if the fast path covers every parameter."""
-  layers, seen, ok = [], set(), [True]
+@contextlib.contextmanager
+def _paused():
+  _PAUSED[0] += 1
+  try:
+    yield
+  finally:
+    _PAUSED[0] -= 1
 
-  def survey(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if context.method_name != "__call__" or type(module) not in (
-      nn.Dense,
-      nn.Conv,
-      *_NORMS,
-    ):
-      return out  # other modules: their parameters fail the coverage check
-    a = args[0]
-    name = "/".join(module.path)
-    conv, normalize, use_scale = None, None, False
-    if type(module) is nn.Conv:
-      conv = _conv_args(module, a.ndim) if a.ndim >= 3 else None
-      ok[0] &= conv is not None
-    if type(module) in _NORMS:
-      normalize, use_scale = _normalizer(module, a.ndim), module.use_scale
-      ok[0] &= normalize is not None
-    batched = a.ndim >= 2 and a.shape[0] == out.shape[0] == x.shape[0]
-    ok[0] &= batched and name not in seen  # a shared layer sums per call
-    seen.add(name)
-    layers.append(
-      Layer(
-        name, out.shape, out.dtype, module.use_bias, conv, normalize, use_scale
-      )
-    )
-    return out
+
+@contextlib.contextmanager
+def _intercept(on_call: Callable):
+  """Calls `on_call(module, args, kwargs, run)` for each call of a linen or
+  NNX layer class (`run()` computes the original output)."""
+
+  def linen_interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__" or _PAUSED[0]:
+      return next_fun(*args, **kwargs)
+    run = lambda: next_fun(*args, **kwargs)
+    return on_call(context.module, args, kwargs, run)
+
+  originals = {cls: cls.__dict__["__call__"] for cls in _NNX_CLASSES}
+
+  def wrap(cls, original):
+    def __call__(self, *args, **kwargs):
+      run = lambda: original(self, *args, **kwargs)
+      if type(self) is not cls or _PAUSED[0]:  # a subclass calling super()
+        return run()
+      return on_call(self, args, kwargs, run)
+
+    return __call__
 
   try:
-    with nn.intercept_methods(survey):
-      # A fresh function: eval_shape caches traces by function, and a
-      # cached trace would skip the interceptor (and find no layers).
-      jax.eval_shape(lambda p, x_: apply_fn(p, x_), params, x)
-  except Exception:  # noqa: BLE001 -- any failure means "not supported"
-    return None
-  if not ok[0] or not layers:
-    return None
-  covered = set()
-  for layer in layers:
-    if layer.normalize is None or layer.use_scale:
-      is_norm = layer.normalize is not None
-      covered.add(layer.name + ("/scale" if is_norm else "/kernel"))
-    if layer.use_bias:
-      covered.add(layer.name + "/bias")
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  names = {
-    "/".join(str(getattr(k, "key", k)) for k in path) for path, _ in leaves
-  }
-  return tuple(layers) if names == covered else None
+    for cls, original in originals.items():
+      cls.__call__ = wrap(cls, original)
+    with nn.intercept_methods(linen_interceptor):
+      yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original
+
+
+def _path_name(path: tuple) -> str:
+  """'a/b/c' of a key path (an NNX Variable's trailing '.value' dropped)."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
+    path = path[:-1]
+  keys = (getattr(k, "key", getattr(k, "idx", k)) for k in path)
+  return "/".join(str(k) for k in keys) or "<the params array>"
+
+
+def plan(apply_fn: Any, params: Params, x: Any) -> Plan:
+  """The layers of `apply_fn` and whether the fast path covers `params`.
+
+  Runs `apply_fn(params, x)` abstractly (`jax.eval_shape`) under
+  interception. Exceptions of `apply_fn` itself propagate.
+  """
+  found: dict = {}
+
+  def survey(p, x_):
+    leaves = jax.tree_util.tree_leaves_with_path(p)
+    owner = {id(leaf): _path_name(path) for path, leaf in leaves}
+    claimed: dict = {}
+    layers, reason, mixes = [], None, None
+    batch = jax.tree.leaves(x_)[0].shape[0]
+
+    def on_call(module, args, kwargs, run):
+      nonlocal reason, mixes
+      out = run()
+      call = _describe(module, args, kwargs)
+      if call is None:
+        return out
+      names = [owner.get(id(w)) for w in call.weights.values()]
+      name = next((n.rsplit("/", 1)[0] for n in names if n), None)
+      name = name or type(module).__name__
+      label = f"layer '{name}' ({type(module).__module__.split('.')[1]}."
+      label += f"{type(module).__name__})"
+      if call.mixes:
+        mixes = mixes or f"{label} uses {call.why}"
+      why = call.why
+      if not why and None in names:
+        why = "reads weights that are not in params"
+      if not why and any(n in claimed for n in names):
+        why = "is called more than once (shared weights)"
+      a = args[0]
+      if not why and not (a.ndim >= 2 and a.shape[0] == out.shape[0] == batch):
+        why = "input or output without the batch axis first"
+      if why:
+        reason = reason or f"{label}: {why}"
+      for n in names:
+        claimed[n] = name
+      layers.append(
+        Layer(
+          name,
+          out.shape,
+          out.dtype,
+          call.use_bias,
+          call.conv,
+          call.kind == "norm",
+          call.use_scale,
+        )
+      )
+      return out
+
+    with _intercept(on_call):
+      out = apply_fn(p, x_)
+    if reason is None:
+      uncovered = [n for n in owner.values() if n not in claimed]
+      if uncovered:
+        reason = (
+          f"parameter '{uncovered[0]}' is not the weight of a layer the "
+          f"fast path covers ({KNOWN})"
+        )
+      elif not layers:
+        reason = f"no layer the fast path covers was called ({KNOWN})"
+    found["plan"] = Plan(tuple(layers) if reason is None else (), reason, mixes)
+    return out
+
+  # A fresh function: eval_shape caches traces by function, and a cached
+  # trace would skip the interceptor (and find no layers).
+  jax.eval_shape(lambda p, x_: survey(p, x_), params, x)
+  return found["plan"]
 
 
 def _conv_patches(a: jax.Array, conv: dict) -> jax.Array:
@@ -161,8 +381,8 @@ def _conv_patches(a: jax.Array, conv: dict) -> jax.Array:
   `lax.conv_general_dilated_patches` is a convolution with a one-hot kernel,
   C*K times the cost of the layer itself; slicing only moves data. The
   feature order (kernel offset major) differs from the kernel's, which does
-  not matter: patches are only ever contracted with per-example gradients
-  built from patches.
+  not matter: patches are only ever contracted with gradients built from
+  patches.
   """
   if any(d != 1 for d in conv["lhs_dilation"]):
     return jax.lax.conv_general_dilated_patches(a, **conv)
@@ -193,68 +413,106 @@ def _patches(layer: Layer, a: jax.Array) -> jax.Array:
   return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
-def _rank_one(layer: Layer, a: jax.Array) -> bool:
-  return layer.conv is None and a.ndim == 2
+def _xhat(call: _Call, a: jax.Array) -> jax.Array:
+  """A norm layer's normalised input `xhat(a)`."""
+  with _paused():
+    return call.normalize(a)
 
 
-def _xhat_BxPxC(layer: Layer, a: jax.Array) -> jax.Array:
-  """A norm layer's normalised input `xhat(a)` as [B, P, C]."""
-  xhat = layer.normalize.apply({}, a)
-  return xhat.reshape(xhat.shape[0], -1, xhat.shape[-1])
+def _low_rank(layer: Layer, a: jax.Array, m: int) -> bool:
+  """Dense on [B, I]: keep the group gradient as its m rank-one factors
+  when that is cheaper than the [I, O] matrix."""
+  if layer.conv is not None or layer.norm or a.ndim != 2:
+    return False
+  return (
+    m * (a.shape[-1] + layer.out_shape[-1])
+    <= a.shape[-1] * (layer.out_shape[-1])
+  )
 
 
-def _per_example_stats(layer: Layer, a: jax.Array, delta: jax.Array):
-  """Per-example gradient of the layer (as needed) and its squared norm."""
+def _groups(t: jax.Array, m: int) -> jax.Array:
+  """[B, ...] -> [B/m, m, ...]."""
+  return t.reshape((t.shape[0] // m, m) + t.shape[1:])
+
+
+def _group_stats(layer: Layer, a: jax.Array, delta: jax.Array, m: int):
+  """Group gradient of the layer (in the form `_correction` uses) and its
+  squared norm per group [G]. For a norm layer `a` is `xhat(a)`."""
   acc = jnp.promote_types(delta.dtype, jnp.float32)
   a, delta = a.astype(acc), delta.astype(acc)
   d_BxPxO = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-  gb_BxO = jnp.sum(d_BxPxO, axis=1)
-  sq_b = jnp.sum(gb_BxO**2, -1) if layer.use_bias else 0.0
-  if layer.normalize is not None:
+  gb_GxO = jnp.sum(_groups(d_BxPxO, m), axis=(1, 2))
+  sq_b = jnp.sum(gb_GxO**2, -1) if layer.use_bias else 0.0
+  if layer.norm:
     scale = 1.0 if layer.use_scale else 0.0
-    gs_BxO = scale * jnp.sum(_xhat_BxPxC(layer, a) * d_BxPxO, axis=1)
-    return (gs_BxO, gb_BxO), jnp.sum(gs_BxO**2, -1) + sq_b
-  if _rank_one(layer, a):
-    sq_w = jnp.sum(a**2, -1) * jnp.sum(delta**2, -1)
-    return (a, delta), sq_w + sq_b
-  g_BxFxO = jnp.einsum("bpf,bpo->bfo", _patches(layer, a), d_BxPxO)
-  return (g_BxFxO, gb_BxO), jnp.sum(g_BxFxO**2, (1, 2)) + sq_b
+    xhat_BxPxC = a.reshape(a.shape[0], -1, a.shape[-1])
+    gs_BxO = scale * jnp.sum(xhat_BxPxC * d_BxPxO, axis=1)
+    gs_GxO = jnp.sum(_groups(gs_BxO, m), axis=1)
+    return (gs_GxO, gb_GxO), jnp.sum(gs_GxO**2, -1) + sq_b
+  if _low_rank(layer, a, m):
+    a_GxMxI, d_GxMxO = _groups(a, m), _groups(delta, m)
+    gram_a = jnp.einsum("gmi,gni->gmn", a_GxMxI, a_GxMxI)
+    gram_d = jnp.einsum("gmo,gno->gmn", d_GxMxO, d_GxMxO)
+    return (a_GxMxI, d_GxMxO, gb_GxO), jnp.sum(gram_a * gram_d, (1, 2)) + sq_b
+  p_BxPxF = _patches(layer, a)
+  num_groups = a.shape[0] // m
+  p_GxMPxF = p_BxPxF.reshape(num_groups, -1, p_BxPxF.shape[-1])
+  d_GxMPxO = d_BxPxO.reshape(num_groups, -1, d_BxPxO.shape[-1])
+  g_GxFxO = jnp.einsum("gpf,gpo->gfo", p_GxMPxF, d_GxMPxO)
+  return (g_GxFxO, gb_GxO), jnp.sum(g_GxFxO**2, (1, 2)) + sq_b
 
 
-def _correction(layer: Layer, stats, c_B: jax.Array, a2: jax.Array):
-  """`y'(a2) - y(a2)` for the layer perturbed by `c_i G_i` per example."""
+def _correction(layer: Layer, call, stats, c_G: jax.Array, a2, m: int):
+  """`y'(a2) - y(a2)` for the layer perturbed by `c_g G_g` per group."""
   bias = 1.0 if layer.use_bias else 0.0
-  if layer.normalize is not None:
-    gs_BxO, gb_BxO = stats
-    xhat = _xhat_BxPxC(layer, a2).astype(gs_BxO.dtype)
-    y_BxPxO = xhat * gs_BxO[:, None] + bias * gb_BxO[:, None]
+  expand = lambda t: jnp.repeat(t, m, axis=0)  # [G, ...] -> [B, ...]
+  c_B = expand(c_G)
+  if layer.norm:
+    gs_GxO, gb_GxO = stats
+    xhat = _xhat(call, a2).astype(gs_GxO.dtype)
+    xhat = xhat.reshape(xhat.shape[0], -1, xhat.shape[-1])
+    y_BxPxO = xhat * expand(gs_GxO)[:, None] + bias * expand(gb_GxO)[:, None]
     y_BxPxO = c_B[:, None, None] * y_BxPxO
     return y_BxPxO.reshape(layer.out_shape).astype(layer.out_dtype)
-  if _rank_one(layer, a2):
-    a_BxI, d_BxO = stats
-    coef_B = c_B * (jnp.sum(a2.astype(a_BxI.dtype) * a_BxI, -1) + bias)
-    return (coef_B[:, None] * d_BxO).astype(layer.out_dtype)
-  g_BxFxO, gb_BxO = stats
-  p_BxPxF = _patches(layer, a2).astype(g_BxFxO.dtype)
-  y_BxPxO = (
-    jnp.einsum("bpf,bfo->bpo", p_BxPxF, g_BxFxO) + bias * gb_BxO[:, None]
-  )
+  if len(stats) == 3:  # low rank: a_GxMxI, d_GxMxO, gb_GxO
+    a_GxMxI, d_GxMxO, gb_GxO = stats
+    a2_GxMxI = _groups(a2.astype(a_GxMxI.dtype), m)
+    coef_GxMxM = jnp.einsum("gmi,gni->gmn", a2_GxMxI, a_GxMxI)
+    y_GxMxO = jnp.einsum("gmn,gno->gmo", coef_GxMxM, d_GxMxO)
+    y_BxO = y_GxMxO.reshape(a2.shape[0], -1) + bias * expand(gb_GxO)
+    return (c_B[:, None] * y_BxO).astype(layer.out_dtype)
+  g_GxFxO, gb_GxO = stats
+  p_BxPxF = _patches(layer, a2).astype(g_GxFxO.dtype)
+  p_GxMPxF = p_BxPxF.reshape(g_GxFxO.shape[0], -1, p_BxPxF.shape[-1])
+  y_GxMPxO = jnp.einsum("gpf,gfo->gpo", p_GxMPxF, g_GxFxO)
+  y_BxPxO = y_GxMPxO.reshape(p_BxPxF.shape[:2] + (g_GxFxO.shape[-1],))
+  y_BxPxO = y_BxPxO + bias * expand(gb_GxO)[:, None]
   y_BxPxO = c_B[:, None, None] * y_BxPxO
   return y_BxPxO.reshape(layer.out_shape).astype(layer.out_dtype)
 
 
-def _intercepting(layers: tuple, on_call):
-  """An interceptor calling `on_call(layer, a, y)` for planned layers."""
-  by_name = {layer.name: layer for layer in layers}
+@contextlib.contextmanager
+def _on_layers(layers: tuple, fn: Callable):
+  """Intercepts the planned layers, in call order:
+  `fn(i, layer, call, a, out)` with `call` this pass's `_describe`."""
+  index = [0]
 
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    layer = by_name.get("/".join(context.module.path))
-    if context.method_name != "__call__" or layer is None:
+  def on_call(module, args, kwargs, run):
+    out = run()
+    call = _describe(module, args, kwargs)
+    if call is None:
       return out
-    return on_call(layer, args[0], out)
+    i = index[0]
+    index[0] += 1
+    if i >= len(layers) or layers[i].out_shape != out.shape:
+      raise RuntimeError(
+        "sam_jax.per_example: the model called its layers differently "
+        "from the planned pass; pass fast=False"
+      )
+    return fn(i, layers[i], call, args[0], out)
 
-  return nn.intercept_methods(interceptor)
+  with _intercept(on_call):
+    yield
 
 
 def sam_gradient(
@@ -264,47 +522,50 @@ def sam_gradient(
   rho: Any,
   variant: str,
   layers: tuple,
-) -> tuple[jax.Array, Any]:
-  """1-SAM gradient (any variant) through layer interception.
+  group_size: int = 1,
+  has_aux: bool = False,
+) -> tuple[Any, Any]:
+  """m-SAM gradient (any variant; 1-SAM for group_size 1) by interception.
 
-  Equals `sam.sam_gradient(..., group_size=1, fast=False)`; see the module
-  docstring. `layers` comes from `plan`.
+  Equals `sam.sam_gradient(..., group_size=group_size, fast=False)`; see
+  the module docstring. `layers` comes from `plan`. Returns `(loss, grads)`,
+  `((loss, aux), grads)` with `has_aux` (aux of the clean pass).
   """
   from sam_jax.sam import safe_inverse, select_variant  # noqa: PLC0415
 
   x, y = batch
-  probes = {
-    layer.name: jnp.zeros(layer.out_shape, layer.out_dtype) for layer in layers
-  }
+  m = group_size
+  probes = [jnp.zeros(layer.out_shape, layer.out_dtype) for layer in layers]
 
   def clean_apply(p, probes):
-    inputs = {}
+    inputs = [None] * len(layers)
 
-    def record(layer, a, out):
-      inputs[layer.name] = a
-      return out + probes[layer.name]
+    def record(i, layer, call, a, out):
+      inputs[i] = _xhat(call, a) if layer.norm else a
+      return out + probes[i]
 
-    with _intercepting(layers, record):
-      z = obj.apply_fn(p, x)
-    return z, inputs
+    with _on_layers(layers, record):
+      z, aux = obj.apply_and_aux(p, x)
+    return z, (inputs, aux)
 
-  z, vjp_clean, inputs = jax.vjp(clean_apply, params, probes, has_aux=True)
+  z, vjp_clean, (inputs, aux) = jax.vjp(
+    clean_apply, params, probes, has_aux=True
+  )
   loss, r = obj.residual(z, y)
   _, deltas = vjp_clean(r)
-  stats, sq_B = {}, 0.0
-  for layer in layers:
-    stats[layer.name], sq = _per_example_stats(
-      layer, inputs[layer.name], deltas[layer.name]
-    )
-    sq_B = sq_B + sq
+  stats, sq_G = [], 0.0
+  for layer, a, delta in zip(layers, inputs, deltas):
+    s, sq = _group_stats(layer, a, delta, m)
+    stats.append(s)
+    sq_G = sq_G + sq
   stats = jax.lax.stop_gradient(stats)
-  c_B = jax.lax.stop_gradient(rho * safe_inverse(jnp.sqrt(sq_B)))
+  c_G = jax.lax.stop_gradient(rho * safe_inverse(jnp.sqrt(sq_G)))
 
   def perturbed_apply(p):
-    def perturb(layer, a, out):
-      return out + _correction(layer, stats[layer.name], c_B, a)
+    def perturb(i, layer, call, a, out):
+      return out + _correction(layer, call, stats[i], c_G, a, m)
 
-    with _intercepting(layers, perturb):
+    with _on_layers(layers, perturb):
       return obj.apply_fn(p, x)
 
   z_pert, vjp_pert = jax.vjp(perturbed_apply, params)
@@ -314,4 +575,4 @@ def sam_gradient(
     (z_pert, lambda u: vjp_pert(u)[0]),
     lambda z_: obj.residual(z_, y)[1],
   )
-  return loss, grads
+  return ((loss, aux) if has_aux else loss), grads

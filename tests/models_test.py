@@ -409,13 +409,13 @@ def test_fast_one_sam_plan_covers_per_example_norms_only():
   for norm, covered in [("layer", True), ("group", True), ("batch", False)]:
     model, (params, _) = _mini_net(norm)
     obj = models.make_objective(model, softmax_cross_entropy)
-    assert (per_example.plan(obj.apply_fn, params, x) is not None) == covered
+    assert per_example.plan(obj.apply_fn, params, x).applies == covered
   # A LayerNorm over the batch axis mixes examples: not covered.
   for axes, covered in [(-1, True), ((0, 1), False)]:
     net = nn.Sequential([nn.Dense(3), nn.LayerNorm(reduction_axes=axes)])
     p = net.init(jax.random.key(0), x[:, 0, 0])["params"]
     apply_fn = lambda p, x_: net.apply({"params": p}, x_)  # noqa: B023
-    assert (per_example.plan(apply_fn, p, x[:, 0, 0]) is not None) == covered
+    assert per_example.plan(apply_fn, p, x[:, 0, 0]).applies == covered
 
 
 def test_one_sam_on_resnet_ln_matches_per_example_gradients():
@@ -427,7 +427,7 @@ def test_one_sam_on_resnet_ln_matches_per_example_gradients():
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     x, y = _img((3,) + IMG[1:], jnp.float64), jnp.arange(3) % K
     obj = models.make_objective(model, softmax_cross_entropy)
-    assert per_example.plan(obj.apply_fn, params, x) is not None
+    assert per_example.plan(obj.apply_fn, params, x).applies
     ref = jax.jit(_one_sam_reference, static_argnums=0)(obj, params, x, y, rho)
     loss, got = jax.jit(
       lambda p: sam_gradient(obj, p, (x, y), rho, group_size=1)
