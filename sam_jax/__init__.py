@@ -4,6 +4,8 @@ transforms."""
 
 from sam_jax import activations, data, models, regularizers
 from sam_jax.curvature import (
+  Curvature,
+  Estimate,
   dense_matrix,
   gauss_newton_matrix,
   gnvp,
@@ -35,10 +37,12 @@ from sam_jax.sam import (
   sam_gradient,
 )
 from sam_jax.spectral import (
+  RitzPairs,
   SpectralDensity,
   hutchinson_trace,
   hutchpp_trace,
   lanczos,
+  lanczos_ritz,
   power_iteration,
   spectral_density,
 )

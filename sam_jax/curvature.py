@@ -12,14 +12,16 @@ except by the dense helpers for tiny models. Nothing here jits itself: the
 caller wraps the product (or the Lanczos loop using it) in `jax.jit`.
 """
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import flatten_util
 
-from sam_jax import objective
+from sam_jax import objective, spectral
 from sam_jax.objective import Batch, Objective
+from sam_jax.objective import trainable as obj_trainable
 
 Array = jax.Array
 Params = Any
@@ -176,3 +178,257 @@ def gauss_newton_matrix(obj: Objective, params: Params, batch: Batch) -> Array:
 def nme_matrix(obj: Objective, params: Params, batch: Batch) -> Array:
   """Dense NME matrix `[P, P]`, `mean_i sum_k r_ik grad^2 z_ik`."""
   return dense_matrix(lambda v: nmevp(obj, params, batch, v), params)
+
+
+CURVATURES = ("h", "gn", "nme")
+_PRODUCTS = {"h": hvp, "gn": gnvp, "nme": nmevp}
+TRACE_METHODS = ("hutchpp", "hutchinson")
+
+
+class Estimate(NamedTuple):
+  """A stochastic estimate and its standard error."""
+
+  value: Array
+  stderr: Array
+
+
+def _is_batch(batch) -> bool:
+  return (
+    isinstance(batch, (tuple, list))
+    and len(batch) == 2
+    and not isinstance(batch[0], (tuple, list))
+  )
+
+
+def _stack_batches(batches) -> tuple[list, list]:
+  """`(stacked groups, weights)`: batches of equal shapes stacked on a
+  leading axis (one `lax.scan` each), weighted by their share of examples.
+  """
+  if _is_batch(batches):
+    items = [batches]
+  elif isinstance(batches, (tuple, list)):
+    items = list(batches)
+  else:
+    raise ValueError(
+      "batches must be one batch (x, y) or a sequence of them, got "
+      f"{type(batches).__name__}"
+    )
+  if not items:
+    raise ValueError("batches is empty")
+  groups: dict = {}
+  for i, batch in enumerate(items):
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+      raise ValueError(f"batches[{i}] must be a tuple (x, y)")
+    batch = tuple(jnp.asarray(a) for a in batch)
+    sizes = {a.shape[0] if a.ndim else None for a in batch}
+    if len(sizes) != 1 or None in sizes or 0 in sizes:
+      raise ValueError(
+        f"batches[{i}]: x and y need one non-empty leading batch axis, got "
+        f"shapes {[a.shape for a in batch]}"
+      )
+    shapes = tuple((a.shape, a.dtype) for a in batch)
+    groups.setdefault(shapes, []).append(batch)
+  total = sum(len(g) * g[0][0].shape[0] for g in groups.values())
+  stacked = [jax.tree.map(lambda *a: jnp.stack(a), *g) for g in groups.values()]
+  weights = [len(g) * g[0][0].shape[0] / total for g in groups.values()]
+  return stacked, weights
+
+
+class Curvature:
+  """The curvature of a loss at one point: top eigenvalues, trace, density.
+
+  The PyHessian use-case in three calls, for the Hessian `"h"`, its
+  Gauss-Newton part `"gn"` or the nonlinear modeling error `"nme"`
+  (`H = GN + NME`, PAPERS.md B1) of the mean loss over `batches`:
+
+      curv = sj.Curvature(obj, params, batches)
+      curv.eigenvalues(k=5, of="h")          # top-5 with Ritz residuals
+      curv.trace(of="gn", num_probes=99, key=key)   # Hutch++ and stderr
+      curv.density(of="h", key=key).plot()   # SLQ spectral density
+
+  `batches` is one batch `(x, y)` or a sequence of them; the loss is the
+  mean over all their examples (batches of one shape run in one
+  `lax.scan`, so memory is that of one batch; others are weighted by their
+  size). With a linen variables dict only the "params" collection varies
+  (`objective.trainable`): eigenvectors are shaped like
+  `params["params"]`.
+
+  Each query is one jitted program with params and batches as arguments,
+  cached per (objective, query) across instances: a second `Curvature` of
+  the same objective at other params (a later checkpoint) of the same
+  shapes does not compile again. Defaults are chosen to be cheap on CPU:
+  Lanczos rolled (see `spectral`), `num_iters` a few times k.
+  """
+
+  def __init__(self, objective: Objective, params: Params, batches):
+    self.objective, self.params = objective, params
+    self._batches, self._weights = _stack_batches(batches)
+    leaves = jax.tree.leaves(obj_trainable(objective, params)[1])
+    self.num_params = sum(jnp.size(leaf) for leaf in leaves)
+
+  def matvec(self, of: str = "h") -> MatVec:
+    """`v -> M v` for `of` in "h" | "gn" | "nme" (not jitted); v is shaped
+    like the trainable params (`params["params"]` of a linen variables
+    dict)."""
+    return functools.partial(
+      _mean_product,
+      _check_of(of),
+      self.objective,
+      self.params,
+      self._batches,
+      tuple(self._weights),
+    )
+
+  def eigenvalues(
+    self,
+    k: int = 1,
+    of: str = "h",
+    *,
+    num_iters: int | None = None,
+    key: Array | None = None,
+    return_vectors: bool = False,
+  ) -> spectral.RitzPairs:
+    """The top-k (algebraically largest) eigenvalues of `of`, by Lanczos.
+
+    Args:
+      k: how many.
+      of: "h" | "gn" | "nme".
+      num_iters: Lanczos steps (default `min(P, max(2k + 10, 20))`; the
+        extreme Ritz values converge first, the residuals say how far).
+      key: start vector's key (default `PRNGKey(0)`: reproducible).
+      return_vectors: also return the unit Ritz vectors.
+
+    Returns:
+      `RitzPairs(values [k] descending, residuals [k], vectors)`, where
+      `residuals[i] = ||M y_i - values[i] y_i||` bounds the distance of
+      `values[i]` to an eigenvalue of M; vectors is None unless requested,
+      else params-shaped with a leading axis k.
+    """
+    spectral._check_iters("k", k, self.num_params)
+    if num_iters is None:
+      num_iters = min(self.num_params, max(2 * k + 10, 20))
+    spectral._check_iters("num_iters", num_iters, self.num_params)
+    if num_iters < k:
+      raise ValueError(f"num_iters={num_iters} must be >= k={k}")
+    fn = _compiled(
+      "eig",
+      _check_of(of),
+      self.objective,
+      (num_iters, k, bool(return_vectors)),
+      tuple(self._weights),
+    )
+    return fn(self.params, self._batches, _key(key))
+
+  def trace(
+    self,
+    of: str = "h",
+    num_probes: int = 99,
+    key: Array | None = None,
+    *,
+    method: str = "hutchpp",
+  ) -> Estimate:
+    """`Tr M` of `of` with its standard error, from `num_probes` matvecs.
+
+    `method`: "hutchpp" (default; exact up to the residual when M is
+    dominated by a few eigenvalues, as Hessians are) or "hutchinson". The
+    standard error is that of the Monte-Carlo part (NaN with too few
+    probes for a spread).
+    """
+    if method not in TRACE_METHODS:
+      raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
+    spectral._check_iters("num_probes", num_probes)
+    fn = _compiled(
+      "trace",
+      _check_of(of),
+      self.objective,
+      (num_probes, method),
+      tuple(self._weights),
+    )
+    return Estimate(*fn(self.params, self._batches, _key(key)))
+
+  def density(
+    self,
+    of: str = "h",
+    key: Array | None = None,
+    *,
+    num_iters: int | None = None,
+    num_probes: int = 4,
+    grid: int = 512,
+    sigma: float | None = None,
+  ) -> spectral.SpectralDensity:
+    """SLQ spectral density of `of` (`spectral.spectral_density`).
+
+    Defaults: `num_iters = min(P, 64)` Lanczos steps per probe, 4 probes
+    (PyHessian: 100 steps, 1 probe), 512 grid points; `.plot(ax)` draws it.
+    """
+    if num_iters is None:
+      num_iters = min(self.num_params, 64)
+    spectral._check_iters("num_iters", num_iters, self.num_params)
+    spectral._check_iters("num_probes", num_probes)
+    fn = _compiled(
+      "density",
+      _check_of(of),
+      self.objective,
+      (num_iters, num_probes, grid, sigma),
+      tuple(self._weights),
+    )
+    return fn(self.params, self._batches, _key(key))
+
+
+def _check_of(of: str) -> str:
+  if of not in CURVATURES:
+    raise ValueError(f"of must be one of {CURVATURES}, got {of!r}")
+  return of
+
+
+def _key(key: Array | None) -> Array:
+  return jax.random.PRNGKey(0) if key is None else key
+
+
+def _mean_product(of, obj, params, batches, weights, v):
+  """`sum_g weight_g * mean over group g's batches of the product`, in
+  the trainable part of `params` (`objective.trainable`)."""
+  obj, params, _ = obj_trainable(obj, params)
+  product = mean_over_batches(_PRODUCTS[of])
+  total = None
+  for group, weight in zip(batches, weights):
+    scale = functools.partial(jnp.multiply, weight)
+    out = jax.tree.map(scale, product(obj, params, group, v))
+    total = out if total is None else jax.tree.map(jnp.add, total, out)
+  return total
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled(query: str, of: str, obj: Objective, statics: tuple, weights):
+  """One jitted `(params, batches, key) -> result` per query and statics."""
+
+  def run(params, batches, key):
+    mv = functools.partial(_mean_product, of, obj, params, batches, weights)
+    params = obj_trainable(obj, params)[1]
+    if query == "eig":
+      num_iters, k, vectors = statics
+      ritz = spectral.lanczos_ritz(
+        mv, params, num_iters, key, return_vectors=vectors
+      )
+      top = slice(None, -k - 1, -1)  # the k largest, descending
+      return spectral.RitzPairs(
+        ritz.values[top],
+        ritz.residuals[top],
+        None
+        if ritz.vectors is None
+        else jax.tree.map(lambda a: a[top], ritz.vectors),
+      )
+    if query == "trace":
+      num_probes, method = statics
+      estimator = (
+        spectral.hutchpp_trace
+        if method == "hutchpp"
+        else spectral.hutchinson_trace
+      )
+      return estimator(mv, params, key, num_probes, return_stderr=True)
+    num_iters, num_probes, grid, sigma = statics
+    return spectral.spectral_density(
+      mv, params, key, num_iters, num_probes, grid=grid, sigma=sigma
+    )
+
+  return jax.jit(run)

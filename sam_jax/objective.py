@@ -17,6 +17,7 @@ running averages, `sam_jax.models.make_objective`). Callers that ask for it
 the aux of their clean pass at `params` instead of running another pass.
 """
 
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -168,3 +169,47 @@ class Objective(NamedTuple):
     mean_loss, vjp_fn = jax.vjp(lambda z: jnp.mean(self.loss_fn(z, y)), logits)
     (r,) = vjp_fn(jnp.ones_like(mean_loss))
     return mean_loss, r
+
+
+def _is_flax_variables(obj: Objective, params: Params) -> bool:
+  """A linen `model.apply` given the full variables dict with state."""
+  import flax.linen as nn  # noqa: PLC0415 -- only linen objectives need it
+
+  module = getattr(obj.apply_fn, "__self__", None)
+  return (
+    isinstance(module, nn.Module)
+    and isinstance(params, Mapping)
+    and "params" in params
+    and len(params) > 1
+  )
+
+
+def trainable(obj: Objective, params: Params):
+  """`(obj', params', rebuild)` differentiating a linen variables dict's
+  'params' collection only.
+
+  For `Objective(model.apply, loss)` given the full variables dict of
+  `model.init` (with batch_stats, constants, ...), the other collections
+  are state: `obj'` holds them fixed, `params'` is `params["params"]`, and
+  `rebuild(grads')` restores the full structure with zero gradients for
+  the state. Any other params are returned unchanged (`rebuild` is the
+  identity). Every function of sam_jax that differentiates goes through
+  this, so the state is never perturbed, penalised or part of a spectrum.
+  """
+  if not _is_flax_variables(obj, params):
+    return obj, params, lambda g: g
+  state = {k: v for k, v in params.items() if k != "params"}
+  full = lambda p: type(params)({**state, "params": p})
+  apply_fn, with_aux = obj.apply_fn, obj.apply_with_aux
+  obj = Objective(
+    lambda p, x: apply_fn(full(p), x),
+    obj.loss_fn,
+    None if with_aux is None else lambda p, x: with_aux(full(p), x),
+  )
+
+  def rebuild(grads):
+    return full(grads) | {
+      k: jax.tree.map(jnp.zeros_like, v) for k, v in state.items()
+    }
+
+  return obj, params["params"], rebuild

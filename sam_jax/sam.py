@@ -21,16 +21,14 @@ pass per example; the general per-group path below is its reference.
 import math
 import warnings
 import weakref
-from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from sam_jax import per_example
-from sam_jax.objective import Batch, Objective, Params
+from sam_jax.objective import Batch, Objective, Params, trainable
 
 VARIANTS = ("sam", "logit", "jacobian")
 
@@ -207,44 +205,6 @@ class FastPath(NamedTuple):
 FAST_CHOICES = ("auto", True, False)
 
 
-def _is_flax_variables(obj: Objective, params: Params) -> bool:
-  """A linen `model.apply` given the full variables dict with state."""
-  module = getattr(obj.apply_fn, "__self__", None)
-  return (
-    isinstance(module, nn.Module)
-    and isinstance(params, Mapping)
-    and "params" in params
-    and len(params) > 1
-  )
-
-
-def _trainable(obj: Objective, params: Params):
-  """`(obj', params', rebuild)` differentiating a linen variables dict's
-  'params' collection only.
-
-  The other collections (batch_stats, constants, ...) are state: they are
-  held fixed and get a zero gradient; `rebuild(grads')` restores the full
-  structure. Any other params are returned unchanged.
-  """
-  if not _is_flax_variables(obj, params):
-    return obj, params, lambda g: g
-  state = {k: v for k, v in params.items() if k != "params"}
-  full = lambda p: type(params)({**state, "params": p})
-  apply_fn, with_aux = obj.apply_fn, obj.apply_with_aux
-  obj = Objective(
-    lambda p, x: apply_fn(full(p), x),
-    obj.loss_fn,
-    None if with_aux is None else lambda p, x: with_aux(full(p), x),
-  )
-
-  def rebuild(grads):
-    return full(grads) | {
-      k: jax.tree.map(jnp.zeros_like, v) for k, v in state.items()
-    }
-
-  return obj, params["params"], rebuild
-
-
 def _batch_size(batch: Any) -> int:
   """B of a batch `(x, y)`, after checking its structure."""
   if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -340,7 +300,7 @@ def fast_path(
   _check_args("sam", group_size, batch_size, "auto")
   if group_size >= batch_size:
     return FastPath(False, "group_size >= batch size: n-SAM, no groups")
-  obj, params, _ = _trainable(obj, params)
+  obj, params, _ = trainable(obj, params)
   return _fast_path(obj, params, batch[0], group_size, adaptive)[0]
 
 
@@ -424,7 +384,7 @@ def sam_gradient(
   check_rho(rho)
   check_eta(eta)
   given = params
-  obj, params, rebuild = _trainable(obj, params)
+  obj, params, rebuild = trainable(obj, params)
   if clean_grads is not None and params is not given:
     clean_grads = clean_grads["params"]
   x, y = batch

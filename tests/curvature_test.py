@@ -8,6 +8,7 @@ Float64 round-off on these ~35-parameter models is ~1e-15 relative; 1e-10
 leaves room for summation-order differences while catching any wrong term.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -313,3 +314,119 @@ def test_lanczos_on_curvature_matches_eigh():
     # GN exercises the restart after breakdown.
     assert jnp.abs(ritz[0] - eig[0]) < RTOL * scale
     assert jnp.abs(ritz[-1] - eig[-1]) < RTOL * scale
+
+
+# --- the Curvature facade ------------------------------------------------
+
+
+def dense_of(obj, params, batch):
+  hess, gn = dense_hessian_and_gn(obj, params, batch)
+  return {"h": hess, "gn": gn, "nme": dense_nme(obj, params, batch)}
+
+
+@pytest.mark.parametrize("of", curvature.CURVATURES)
+def test_curvature_facade_matches_dense(of):
+  obj, params, batch = problem("mlp", "ce", jax.nn.tanh, num=8)
+  dense = dense_of(obj, params, batch)[of]
+  eigs = np.linalg.eigvalsh(np.asarray(dense))[::-1]
+  num = eigs.size
+  curv = curvature.Curvature(obj, params, batch)
+  assert curv.num_params == num
+  top = curv.eigenvalues(k=3, of=of, num_iters=num, return_vectors=True)
+  np.testing.assert_allclose(top.values, eigs[:3], rtol=1e-9, atol=1e-12)
+  assert np.all(np.asarray(top.residuals) < 1e-8)
+  v0 = flatten_util.ravel_pytree(jax.tree.map(lambda a: a[0], top.vectors))[0]
+  np.testing.assert_allclose(
+    np.asarray(dense) @ v0, eigs[0] * v0, rtol=1e-8, atol=1e-10
+  )
+  # Hutch++ with 3P probes sketches the whole space: exact.
+  exact = curv.trace(of=of, num_probes=3 * num, key=jax.random.PRNGKey(3))
+  np.testing.assert_allclose(exact.value, np.trace(dense), rtol=1e-9)
+  est = curv.trace(of=of, num_probes=60, method="hutchinson")
+  assert abs(float(est.value) - np.trace(dense)) < 5 * float(est.stderr)
+  density = curv.density(of=of, num_iters=num, num_probes=2, grid=64)
+  nodes = np.asarray(density.nodes)
+  np.testing.assert_allclose(np.sort(nodes[0]), np.sort(eigs), atol=1e-8)
+
+
+def test_curvature_of_several_batches_is_the_full_data_curvature():
+  obj, params, (x, y) = problem("mlp", "ce", jax.nn.tanh, num=10)
+  dense = dense_of(obj, params, (x, y))["h"]
+  # Two batches of 4 (one scan) and one of 2 (weighted by its size).
+  batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+  curv = curvature.Curvature(obj, params, batches)
+  v = random_like(params)
+  np.testing.assert_allclose(
+    flat(curv.matvec("h")(v)), np.asarray(dense) @ flat(v), rtol=1e-10
+  )
+  top = curv.eigenvalues(k=1, num_iters=curv.num_params)
+  np.testing.assert_allclose(
+    top.values[0], np.linalg.eigvalsh(np.asarray(dense))[-1], rtol=1e-9
+  )
+
+
+class ScaledMLP(nn.Module):
+  """A linen MLP with a non-trainable collection (like batch_stats)."""
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.variable("constants", "scale", lambda: jnp.full((D,), 0.5))
+    h = nn.tanh(nn.Dense(H)(x * scale.value))
+    return nn.Dense(K)(h)
+
+
+def test_curvature_of_linen_variables_dict_is_over_params_only():
+  model = ScaledMLP()
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(ks[0], (6, D))
+  y = jax.random.randint(ks[1], (6,), 0, K)
+  variables = model.init(ks[2], x)  # float32 params: cast for the check
+  variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
+  assert set(variables) == {"params", "constants"}
+  full = Objective(model.apply, softmax_cross_entropy)
+  plain = Objective(
+    lambda p, x_: model.apply({**variables, "params": p}, x_),
+    softmax_cross_entropy,
+  )
+  dense = curvature.hessian_matrix(plain, variables["params"], (x, y))
+  curv = curvature.Curvature(full, variables, (x, y))
+  assert curv.num_params == dense.shape[0]
+  top = curv.eigenvalues(k=2, num_iters=curv.num_params, return_vectors=True)
+  np.testing.assert_allclose(
+    top.values, np.linalg.eigvalsh(np.asarray(dense))[::-1][:2], rtol=1e-9
+  )
+  assert jax.tree.structure(
+    jax.tree.map(lambda a: a[0], top.vectors)
+  ) == jax.tree.structure(variables["params"])
+
+
+def test_curvature_compiles_once_per_objective_and_query():
+  obj, params, batch = problem("mlp", "ce", jax.nn.tanh)
+  first = curvature.Curvature(obj, params, batch).eigenvalues(k=2, num_iters=5)
+  other = jax.tree.map(lambda a: 1.1 * a, params)
+  again = curvature.Curvature(obj, other, batch)
+  again.eigenvalues(k=2, num_iters=5)
+  fn = curvature._compiled("eig", "h", obj, (5, 2, False), (1.0,))
+  assert fn._cache_size() == 1
+  assert not np.allclose(
+    first.values, again.eigenvalues(k=2, num_iters=5).values
+  )
+
+
+def test_curvature_bad_arguments_raise():
+  obj, params, batch = problem("mlp", "ce")
+  curv = curvature.Curvature(obj, params, batch)
+  with pytest.raises(ValueError, match="of must be one of"):
+    curv.eigenvalues(of="hessian")
+  with pytest.raises(ValueError, match="k="):
+    curv.eigenvalues(k=curv.num_params + 1)
+  with pytest.raises(ValueError, match="num_iters=2 must be >= k=3"):
+    curv.eigenvalues(k=3, num_iters=2)
+  with pytest.raises(ValueError, match="method must be one of"):
+    curv.trace(method="exact")
+  with pytest.raises(ValueError, match="batches is empty"):
+    curvature.Curvature(obj, params, [])
+  with pytest.raises(ValueError, match=r"batches\[1\]"):
+    curvature.Curvature(obj, params, [batch, (batch[0], batch[1][:2])])
+  with pytest.raises(ValueError, match="sequence of them"):
+    curvature.Curvature(obj, params, batch[0])

@@ -18,6 +18,7 @@ def test_the_four_examples_exist():
     "linen_loop",
     "nnx_loop",
     "migrate_from_optax_contrib",
+    "curvature_analysis",
   } <= names
 
 
