@@ -1,12 +1,43 @@
 """Train-step cost of every SAM variant as a ratio to the SGD step.
 
     python -m benchmarks.step_cost [--reps 15] [--steps 10] [--batch 128]
+    python -m benchmarks.step_cost --idioms [--reps 15] [--steps 10]
+    python -m benchmarks.step_cost [--idioms] --tiny
+    python -m benchmarks.step_cost --idioms --models cnn3 --methods 1-sam
 
 Same model, batch and base optimizer (SGD, momentum 0.9) for every method;
 each step is one jitted function with donated state. Methods are timed
 interleaved (round-robin over repetitions) in one process, and the table
 shows the median step time over repetitions divided by SGD's median.
-Targets (DESIGN.md): n-SAM <= 2.05x, L-/J-SAM (n) <= 2.1x, 1-SAM <= 3x.
+
+Default table: every method and the two optax transforms on
+`models.CNN1D()` and `models.MLP()` (`models.make_objective`).
+
+`--idioms`: SGD, n-SAM, 1-SAM, J-SAM(1), L-SAM(1) and m-SAM(16) on two
+CNNs on [B, 40] inputs, 10 classes, each written in the three idioms a
+researcher writes:
+
+  linen-vars    `sj.Objective(model.apply, loss)`, params the variables
+                dict `model.init(key, x)`
+  linen-params  `sj.Objective(lambda p, x: model.apply({"params": p}, x),
+                loss)`, params `model.init(key, x)["params"]`
+  nnx           the same net as an `nnx.Module` (nnx.Conv, nnx.Linear),
+                `sj.Objective.from_nnx(model, loss)`, params
+                `nnx.state(model, nnx.Param)`, a `jax.jit` step with optax
+
+  cnn1d  `models.CNN1D()`: three stride-2 'SAME' convs of 32 channels,
+         kernel 5, dense 64 (the MNIST-1D CNN of the experiments)
+  cnn3   three stride-1 'SAME' convs of 32 channels, kernel 5, dense 256,
+         inputs [B, 40, 1] (`benchmarks.curvature_cost` `build("cnn3")`)
+
+All (model, idiom) columns are timed interleaved in one round-robin, and
+`sj.fast_path` says per column whether 1-SAM takes the fast path.
+`--tiny`: widths 4 (dense 8), batch 8, m = 4, 2 reps of 1 step (a smoke
+test, not a measurement). `--methods` keeps the rows named (SGD always,
+for the ratios), `--models` the idiom table's models named.
+
+Targets (DESIGN.md, issue #14): n-SAM <= 2.05x, L-/J-SAM (n) <= 2.1x,
+1-SAM <= 3x, L-/J-SAM (1) <= 3x, m-SAM (16) <= 2.5x.
 """
 
 import argparse
@@ -15,12 +46,15 @@ import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
+from flax import nnx
 
 import sam_jax as sj
 from benchmarks import timing
 from sam_jax import models
 
 BASE = dict(learning_rate=0.05, momentum=0.9)
+LENGTH, CLASSES = 40, 10
+LOSS = sj.softmax_cross_entropy
 
 
 def sam_method(**kwargs):
@@ -31,28 +65,43 @@ def sgd_method(obj, p, batch):
   return jax.value_and_grad(obj.loss)(p, batch)
 
 
-# label -> gradient function (obj, params, batch) -> (loss, grads)
-METHODS = {
-  "sgd": sgd_method,
-  "n-sam": sam_method(),
-  "m-sam (m=16)": sam_method(group_size=16),
-  "1-sam": sam_method(group_size=1),
-  "1-sam (general path)": sam_method(group_size=1, fast=False),
-  "l-sam (n)": sam_method(variant="logit"),
-  "j-sam (n)": sam_method(variant="jacobian"),
-  "l-sam (1)": sam_method(variant="logit", group_size=1),
-  "j-sam (1)": sam_method(variant="jacobian", group_size=1),
-  "asam (n)": sam_method(adaptive=True),
-}
+def methods(m=16):
+  """label -> gradient function (obj, params, batch) -> (loss, grads)."""
+  return {
+    "sgd": sgd_method,
+    "n-sam": sam_method(),
+    f"m-sam (m={m})": sam_method(group_size=m),
+    "1-sam": sam_method(group_size=1),
+    "1-sam (general path)": sam_method(group_size=1, fast=False),
+    "l-sam (n)": sam_method(variant="logit"),
+    "j-sam (n)": sam_method(variant="jacobian"),
+    "l-sam (1)": sam_method(variant="logit", group_size=1),
+    "j-sam (1)": sam_method(variant="jacobian", group_size=1),
+    "asam (n)": sam_method(adaptive=True),
+  }
+
+
+METHODS = methods()
 TRANSFORMS = ("sj.sam transform (n)", "optax.contrib.sam (opaque)")
+IDIOM_LABELS = ("sgd", "n-sam", "1-sam", "j-sam (1)", "l-sam (1)", "m-sam")
+TARGETS = {
+  "n-sam": 2.05,
+  "1-sam": 3.0,
+  "l-sam (n)": 2.1,
+  "j-sam (n)": 2.1,
+  "l-sam (1)": 3.0,
+  "j-sam (1)": 3.0,
+  "m-sam (m=16)": 2.5,
+}
 
 
-def make_step(label, obj):
+def make_step(label, obj, grad_methods=None):
   """A jitted `((params, opt_state), batch) -> ((params, opt_state), loss)`
   and its optimizer."""
-  if label in METHODS:
+  grad_methods = METHODS if grad_methods is None else grad_methods
+  if label in grad_methods:
     tx = optax.sgd(**BASE)
-    grad_method = METHODS[label]
+    grad_method = grad_methods[label]
 
     def step(state, batch):
       params, opt_state = state
@@ -85,50 +134,210 @@ def make_step(label, obj):
   return jax.jit(step, donate_argnums=0), tx
 
 
+def runs(obj, params, batch, labels, grad_methods=None, prefix=""):
+  """`{prefix + label: timing.stepper}` of every label's step, each on its
+  own copy of params (the steps donate their state)."""
+  out = {}
+  for label in labels:
+    step, tx = make_step(label, obj, grad_methods)
+    p = jax.tree.map(jnp.copy, params)
+    out[prefix + label] = timing.stepper(step, (p, tx.init(p)), batch)
+  return out
+
+
+def make_batch(shape):
+  kx, ky = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, shape)
+  return x, jax.random.randint(ky, (shape[0],), 0, CLASSES)
+
+
+# --- The idiom table ---------------------------------------------------------
+
+
+class NNXCNN1D(nnx.Module):
+  """`models.CNN1D` written with nnx layers: 'SAME' convs, dense, head."""
+
+  def __init__(self, channels, kernel_size, stride, dense, *, rngs):
+    chans = (1, *channels)
+    self.convs = nnx.List(
+      [
+        nnx.Conv(
+          a, b, (kernel_size,), strides=stride, padding="SAME", rngs=rngs
+        )
+        for a, b in zip(chans, chans[1:])
+      ]
+    )
+    length = LENGTH
+    for _ in channels:
+      length = -(-length // stride)  # 'SAME': ceil(L / stride)
+    widths = (length * channels[-1], *dense)
+    self.dense = nnx.List(
+      [nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths, widths[1:])]
+    )
+    self.head = nnx.Linear(widths[-1], CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    h = x[..., None] if x.ndim == 2 else x
+    for conv in self.convs:
+      h = nnx.relu(conv(h))
+    h = h.reshape(h.shape[0], -1)
+    for layer in self.dense:
+      h = nnx.relu(layer(h))
+    return self.head(h)
+
+
+def linen_vars(net, x):
+  model = models.CNN1D(**net, num_classes=CLASSES)
+  return sj.Objective(model.apply, LOSS), model.init(jax.random.key(1), x)
+
+
+def linen_params(net, x):
+  model = models.CNN1D(**net, num_classes=CLASSES)
+  obj = sj.Objective(lambda p, x: model.apply({"params": p}, x), LOSS)
+  return obj, model.init(jax.random.key(1), x)["params"]
+
+
+def nnx_module(net, x):
+  del x
+  model = NNXCNN1D(**net, rngs=nnx.Rngs(1))
+  return sj.Objective.from_nnx(model, LOSS), nnx.state(model, nnx.Param)
+
+
+# idiom -> (net kwargs, sample x) -> (objective, params)
+IDIOMS = {
+  "linen-vars": linen_vars,
+  "linen-params": linen_params,
+  "nnx": nnx_module,
+}
+
+
+def cnns(tiny=False):
+  """name -> (CNN1D kwargs, input shape without the batch axis)."""
+  c, d1, d3 = ((4,) * 3, (8,), (8,)) if tiny else ((32,) * 3, (64,), (256,))
+  return {
+    "cnn1d": (dict(channels=c, kernel_size=5, stride=2, dense=d1), (LENGTH,)),
+    "cnn3": (dict(channels=c, kernel_size=5, stride=1, dense=d3), (LENGTH, 1)),
+  }
+
+
+def select(labels, only):
+  """The labels named in `only` (all for None), SGD always first."""
+  unknown = set(only or ()) - set(labels)
+  if unknown:
+    raise SystemExit(f"--methods: unknown {sorted(unknown)}; valid: {labels}")
+  return ["sgd"] + [x for x in labels if x != "sgd" and x in (only or labels)]
+
+
+def idiom_columns(args):
+  """`({column: {label: median s}}, {column: fast_path})`, one column per
+  (model, idiom), all timed in one round-robin."""
+  grad_methods = methods(4 if args.tiny else 16)
+  labels = select(
+    [next(k for k in grad_methods if k.startswith(x)) for x in IDIOM_LABELS],
+    args.methods,
+  )
+  all_runs, verdicts = {}, {}
+  for model_name, (net, shape) in cnns(args.tiny).items():
+    if args.models and model_name not in args.models:
+      continue
+    batch = make_batch((args.batch, *shape))
+    for idiom, build in IDIOMS.items():
+      column = f"{model_name} {idiom}"
+      obj, params = build(net, batch[0])
+      verdicts[column] = sj.fast_path(obj, params, batch)
+      all_runs |= runs(obj, params, batch, labels, grad_methods, column + "|")
+  results = timing.time_interleaved(all_runs, args.reps, args.steps)
+  columns = {}
+  for key, median in timing.medians(results).items():
+    column, label = key.split("|")
+    columns.setdefault(column, {})[label] = median
+  return columns, verdicts
+
+
+# --- The default table -------------------------------------------------------
+
+
 def bench(model, batch_size, reps, steps, labels):
   """`timing.time_interleaved` of every label's step on `model`."""
-  key = jax.random.key(0)
-  x = jax.random.normal(key, (batch_size, 40))
-  y = jax.random.randint(key, (batch_size,), 0, 10)
-  batch = (x, y)
-  obj = models.make_objective(model, sj.softmax_cross_entropy)
-  runs = {}
-  for label in labels:
-    step, tx = make_step(label, obj)
-    params = models.init_params(model, jax.random.key(1), x)
-    runs[label] = timing.stepper(step, (params, tx.init(params)), batch)
-  return timing.time_interleaved(runs, reps, steps)
+  batch = make_batch((batch_size, LENGTH))
+  obj = models.make_objective(model, LOSS)
+  params = models.init_params(model, jax.random.key(1), batch[0])
+  return timing.time_interleaved(runs(obj, params, batch, labels), reps, steps)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--reps", type=int, default=15)
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--batch", type=int, default=128)
-  args = parser.parse_args()
-  labels = list(METHODS) + list(TRANSFORMS)
+def default_columns(args):
   nets = {
     "CNN1D (32,32,32)+64": models.CNN1D(),
     "MLP (128,128)": models.MLP(),
   }
-  print(
-    f"# step cost / SGD step, batch {args.batch}, medians of {args.reps} "
-    f"interleaved reps x {args.steps} steps"
-  )
-  print(timing.machine_line())
-  medians = {
+  if args.tiny:
+    nets = {
+      "CNN1D (4,4,4)+8": models.CNN1D((4, 4, 4), dense=(8,)),
+      "MLP (8,8)": models.MLP((8, 8)),
+    }
+  labels = select(list(METHODS) + list(TRANSFORMS), args.methods)
+  return {
     name: timing.medians(bench(net, args.batch, args.reps, args.steps, labels))
     for name, net in nets.items()
   }
-  names = list(nets)
-  print("\n| method | " + " | ".join(f"{n} ratio" for n in names) + " |")
-  print("|---|" + "---:|" * len(names))
+
+
+def print_table(columns):
+  """Rows: methods (ratio to the column's SGD step), with their targets."""
+  names = list(columns)
+  labels = list(columns[names[0]])
+  print("\n| method | target | " + " | ".join(names) + " |")
+  print("|---|---:|" + "---:|" * len(names))
+  misses = []
   for label in labels:
-    cells = [f"{medians[n][label] / medians[n]['sgd']:.2f}" for n in names]
-    print(f"| {label} | " + " | ".join(cells) + " |")
+    target = TARGETS.get(label)
+    cells = []
+    for name in names:
+      ratio = columns[name][label] / columns[name]["sgd"]
+      miss = target is not None and ratio > target
+      misses += [f"{label} on {name}: {ratio:.2f}x > {target}x"] * miss
+      cells.append(f"**{ratio:.2f}**" if miss else f"{ratio:.2f}")
+    bound = "" if target is None else f"<= {target}x"
+    print(f"| {label} | {bound} | " + " | ".join(cells) + " |")
   print()
   for name in names:
-    print(f"# {name}: SGD step {medians[name]['sgd'] * 1e3:.2f} ms")
+    print(f"# {name}: SGD step {columns[name]['sgd'] * 1e3:.2f} ms")
+  print("# target misses (bold): " + ("; ".join(misses) or "none"))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--reps", type=int, default=15)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument(
+    "--idioms",
+    action="store_true",
+    help="the (model, idiom) table: linen-vars, linen-params, nnx",
+  )
+  parser.add_argument(
+    "--tiny", action="store_true", help="smoke test: widths 4, batch 8"
+  )
+  parser.add_argument("--methods", nargs="+", help="rows (labels) to time")
+  parser.add_argument(
+    "--models", nargs="+", choices=("cnn1d", "cnn3"), help="with --idioms"
+  )
+  args = parser.parse_args(argv)
+  if args.tiny:
+    args.batch, args.reps, args.steps = 8, 2, 1
+  print(
+    f"# step cost / SGD step, batch {args.batch}, medians of {args.reps} "
+    f"interleaved reps x {args.steps} steps" + (" (tiny)" * args.tiny)
+  )
+  print(timing.machine_line())
+  if not args.idioms:
+    print_table(default_columns(args))
+    return
+  columns, verdicts = idiom_columns(args)
+  for column, verdict in verdicts.items():
+    reason = "" if verdict else f" ({verdict.reason})"
+    print(f"# {column}: 1-SAM fast path: {bool(verdict)}{reason}")
+  print_table(columns)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from benchmarks import model_flops, timing
+from benchmarks import model_flops, step_cost, timing
 
 
 def test_flops_counts_a_matmul():
@@ -37,3 +37,41 @@ def test_stepper_carries_the_state():
   run(2)
   run(1)
   assert seen == [0, 2, 4]
+
+
+def test_step_cost_idioms_runs_tiny(capsys):
+  # One model and two rows keep it to six compilations; `--idioms --tiny`
+  # alone runs every row on both CNNs.
+  step_cost.main(
+    ["--idioms", "--tiny", "--models", "cnn3", "--methods", "1-sam"]
+  )
+  out = capsys.readouterr().out
+  header = next(
+    line for line in out.splitlines() if line.startswith("| method")
+  )
+  assert header.split(" | ")[2:] == [
+    "cnn3 linen-vars",
+    "cnn3 linen-params",
+    "cnn3 nnx |",
+  ]
+  for idiom in step_cost.IDIOMS:
+    assert f"# cnn3 {idiom}: 1-SAM fast path: True\n" in out
+  rows = [line.split(" | ")[0] for line in out.splitlines() if line[:2] == "| "]
+  assert rows == ["| method", "| sgd", "| 1-sam"]
+
+
+def test_step_cost_default_table_runs_tiny(capsys):
+  step_cost.main(["--tiny", "--methods", "sj.sam transform (n)"])
+  out = capsys.readouterr().out
+  assert "| sj.sam transform (n) |  | " in out
+  assert "# MLP (8,8): SGD step" in out
+
+
+def test_curvature_facade_runs_tiny(capsys):
+  from benchmarks import curvature_facade
+
+  curvature_facade.main(["--tiny"])
+  out = capsys.readouterr().out
+  for query in ("of='h'", "of='gn'", "of='nme'", "trace(", "density("):
+    assert query in out
+  assert "| **total** |" in out
