@@ -217,15 +217,8 @@ def _stack_batches(batches) -> tuple[list, list]:
     raise ValueError("batches is empty")
   groups: dict = {}
   for i, batch in enumerate(items):
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-      raise ValueError(f"batches[{i}] must be a tuple (x, y)")
+    objective.batch_size(batch, f"batches[{i}]")
     batch = tuple(jnp.asarray(a) for a in batch)
-    sizes = {a.shape[0] if a.ndim else None for a in batch}
-    if len(sizes) != 1 or None in sizes or 0 in sizes:
-      raise ValueError(
-        f"batches[{i}]: x and y need one non-empty leading batch axis, got "
-        f"shapes {[a.shape for a in batch]}"
-      )
     shapes = tuple((a.shape, a.dtype) for a in batch)
     groups.setdefault(shapes, []).append(batch)
   total = sum(len(g) * g[0][0].shape[0] for g in groups.values())

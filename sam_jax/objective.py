@@ -213,3 +213,27 @@ def trainable(obj: Objective, params: Params):
     }
 
   return obj, params["params"], rebuild
+
+
+def batch_size(batch: Any, name: str = "batch") -> int:
+  """B of a batch `(x, y)`, after checking its structure; errors name
+  the argument `name`."""
+  if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+    raise ValueError(
+      f"{name} must be a tuple (x, y), got {type(batch).__name__}"
+      + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+  sizes = {
+    leaf.shape[0] if getattr(leaf, "ndim", 0) else None
+    for leaf in jax.tree.leaves(batch)
+  }
+  if not sizes or None in sizes:
+    raise ValueError(
+      f"{name} (x, y) must hold arrays with a leading batch axis"
+    )
+  if len(sizes) > 1:
+    raise ValueError(f"{name}: x and y disagree on the batch size: {sizes}")
+  (size,) = sizes
+  if size == 0:
+    raise ValueError(f"{name} is empty (batch size 0)")
+  return size

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_jax import per_example
+from sam_jax import objective, per_example
 from sam_jax.objective import Batch, Objective, Params, trainable
 
 VARIANTS = ("sam", "logit", "jacobian")
@@ -205,27 +205,6 @@ class FastPath(NamedTuple):
 FAST_CHOICES = ("auto", True, False)
 
 
-def _batch_size(batch: Any) -> int:
-  """B of a batch `(x, y)`, after checking its structure."""
-  if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-    raise ValueError(
-      f"batch must be a tuple (x, y), got {type(batch).__name__}"
-      + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    )
-  sizes = {
-    leaf.shape[0] if getattr(leaf, "ndim", 0) else None
-    for leaf in jax.tree.leaves(batch)
-  }
-  if not sizes or None in sizes:
-    raise ValueError("batch (x, y) must hold arrays with a leading batch axis")
-  if len(sizes) > 1:
-    raise ValueError(f"batch x and y disagree on the batch size: {sizes}")
-  (size,) = sizes
-  if size == 0:
-    raise ValueError("batch is empty (batch size 0)")
-  return size
-
-
 def _check_args(variant: str, group_size: Any, batch_size: int, fast) -> None:
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -296,7 +275,7 @@ def fast_path(
   statistics and groups smaller than the batch). Runs the model abstractly
   (`jax.eval_shape`): no computation.
   """
-  batch_size = _batch_size(batch)
+  batch_size = objective.batch_size(batch)
   _check_args("sam", group_size, batch_size, "auto")
   if group_size >= batch_size:
     return FastPath(False, "group_size >= batch size: n-SAM, no groups")
@@ -379,7 +358,7 @@ def sam_gradient(
     gradients at their perturbed points; `((loss, aux), grads)` with
     `has_aux`.
   """
-  batch_size = _batch_size(batch)
+  batch_size = objective.batch_size(batch)
   _check_args(variant, group_size, batch_size, fast)
   check_rho(rho)
   check_eta(eta)
