@@ -10,13 +10,20 @@ perturbed layer for example j of group g is
 
   y'_j = a'_j (W + c_g G_g) + b + c_g gb_g,    c_g = rho / ||g_g||,
 
-i.e. the clean layer plus a correction built from the clean pass's inputs
-`a_i` and output cotangents `delta_i`. For Dense on [B, D] and small groups
-`G_g` has rank m and the correction is `c_g sum_i delta_i ((a'_j . a_i) +
-1)`: almost free. Otherwise `G_g` is formed (for convolutions from patches,
-strided slices of the input) at the cost of about one more layer. Gradients
+built from the clean pass's inputs `a_i` and output cotangents `delta_i`
+in one of three forms (`_form`, chosen by cost):
+
+- factors: `G_g` has rank m P (P output positions; patches, strided
+  slices of the input, for a convolution); when `m P (F + O) <= F O` the
+  layer is the clean one plus `c_g sum_r (a'_jp . a_r) delta_r`, from
+  Gram matrices, never forming `G_g`;
+- kernels (a convolution with at most `MAX_KERNEL_GROUPS` groups): one
+  `lax.conv` per group with the kernel `W + c_g G_g`;
+- matrix: `patches(a'_j) @ (W + c_g G_g)`, one batched matmul.
+
+The last two cost one layer, not a layer plus a correction. Gradients
 w.r.t. `W` of the perturbed pass are exactly those at `W + eps_g` because
-the correction is held constant.
+`c_g G_g` is held constant.
 
 Per-example normalisations (LayerNorm, GroupNorm, features on the last
 axis; BatchNorm with its running averages, i.e. in evaluation mode) are
@@ -420,14 +427,22 @@ def _xhat(call: _Call, a: jax.Array) -> jax.Array:
 
 
 def _low_rank(layer: Layer, a: jax.Array, m: int) -> bool:
-  """Dense on [B, I]: keep the group gradient as its m rank-one factors
-  when that is cheaper than the [I, O] matrix."""
-  if layer.conv is not None or layer.norm or a.ndim != 2:
+  """Dense or convolution: keep the group gradient as its `m * P`
+  rank-one factors (patch (x) cotangent, P output positions) when that is
+  cheaper than the [F, O] matrix: `m P (F + O) <= F O`."""
+  if layer.norm:
     return False
-  return (
-    m * (a.shape[-1] + layer.out_shape[-1])
-    <= a.shape[-1] * (layer.out_shape[-1])
-  )
+  positions = 1
+  for n in layer.out_shape[1:-1]:
+    positions *= n
+  features = a.shape[-1]
+  if layer.conv is not None:
+    for k in layer.conv["filter_shape"]:
+      features *= k
+  elif a.ndim != 2:
+    return False
+  out = layer.out_shape[-1]
+  return m * positions * (features + out) <= features * out
 
 
 def _groups(t: jax.Array, m: int) -> jax.Array:
@@ -436,7 +451,7 @@ def _groups(t: jax.Array, m: int) -> jax.Array:
 
 
 def _group_stats(layer: Layer, a: jax.Array, delta: jax.Array, m: int):
-  """Group gradient of the layer (in the form `_correction` uses) and its
+  """Group gradient of the layer (in the form `_perturbed` uses) and its
   squared norm per group [G]. For a norm layer `a` is `xhat(a)`."""
   acc = jnp.promote_types(delta.dtype, jnp.float32)
   a, delta = a.astype(acc), delta.astype(acc)
@@ -449,46 +464,118 @@ def _group_stats(layer: Layer, a: jax.Array, delta: jax.Array, m: int):
     gs_BxO = scale * jnp.sum(xhat_BxPxC * d_BxPxO, axis=1)
     gs_GxO = jnp.sum(_groups(gs_BxO, m), axis=1)
     return (gs_GxO, gb_GxO), jnp.sum(gs_GxO**2, -1) + sq_b
-  if _low_rank(layer, a, m):
-    a_GxMxI, d_GxMxO = _groups(a, m), _groups(delta, m)
-    gram_a = jnp.einsum("gmi,gni->gmn", a_GxMxI, a_GxMxI)
-    gram_d = jnp.einsum("gmo,gno->gmn", d_GxMxO, d_GxMxO)
-    return (a_GxMxI, d_GxMxO, gb_GxO), jnp.sum(gram_a * gram_d, (1, 2)) + sq_b
   p_BxPxF = _patches(layer, a)
   num_groups = a.shape[0] // m
   p_GxMPxF = p_BxPxF.reshape(num_groups, -1, p_BxPxF.shape[-1])
   d_GxMPxO = d_BxPxO.reshape(num_groups, -1, d_BxPxO.shape[-1])
+  if _low_rank(layer, a, m):  # ||sum_r p_r (x) d_r||^2 from the Gram matrices
+    gram_p = jnp.einsum("gpf,gqf->gpq", p_GxMPxF, p_GxMPxF)
+    gram_d = jnp.einsum("gpo,gqo->gpq", d_GxMPxO, d_GxMPxO)
+    sq_G = jnp.sum(gram_p * gram_d, (1, 2))
+    return (p_GxMPxF, d_GxMPxO, gb_GxO), sq_G + sq_b
   g_GxFxO = jnp.einsum("gpf,gpo->gfo", p_GxMPxF, d_GxMPxO)
   return (g_GxFxO, gb_GxO), jnp.sum(g_GxFxO**2, (1, 2)) + sq_b
 
 
-def _correction(layer: Layer, call, stats, c_G: jax.Array, a2, m: int):
-  """`y'(a2) - y(a2)` for the layer perturbed by `c_g G_g` per group."""
-  bias = 1.0 if layer.use_bias else 0.0
-  expand = lambda t: jnp.repeat(t, m, axis=0)  # [G, ...] -> [B, ...]
-  c_B = expand(c_G)
+MAX_KERNEL_GROUPS = 16
+
+
+def _form(layer: Layer, stats, num_groups: int) -> str:
+  """How the perturbed pass computes a layer (see `_perturbed`)."""
   if layer.norm:
+    return "norm"
+  if len(stats) == 3:
+    return "factors"
+  if (
+    layer.conv is not None
+    and num_groups <= MAX_KERNEL_GROUPS
+    and all(d == 1 for d in layer.conv["lhs_dilation"])
+  ):
+    return "kernels"
+  return "matrix"
+
+
+def _flat_kernel(layer: Layer, kernel: jax.Array) -> jax.Array:
+  """The kernel as the [F, O] matrix that `_patches` multiplies: window
+  offsets major, then channels (`_conv_patches`); channels major for
+  `conv_general_dilated_patches` (input dilation)."""
+  if layer.conv is not None and any(d != 1 for d in layer.conv["lhs_dilation"]):
+    kernel = jnp.moveaxis(kernel, -2, 0)
+  return kernel.reshape(-1, kernel.shape[-1])
+
+
+def _bias_B(layer: Layer, call, gb_GxO, c_G, m: int, perturbed_only: bool):
+  """`[B, O]`: `c_g gb_g`, plus the layer's bias unless `perturbed_only`."""
+  if not layer.use_bias:
+    return 0.0
+  b_GxO = c_G[:, None] * gb_GxO
+  if not perturbed_only:
+    b_GxO = b_GxO + call.weights["bias"]
+  return jnp.repeat(b_GxO, m, axis=0)
+
+
+def _perturbed(layer: Layer, call, stats, c_G, a2, out, m: int):
+  """The layer's output `y'(a2)` with the weights of group g at
+  `W + c_g G_g`, from its clean output `out = y(a2)` at `W`:
+
+  - "norm", "factors": `out` plus a correction built from the clean
+    pass's factors (for factors `sum_s (p2_r . p_s) d_s`, rank m P);
+  - "kernels" (a convolution, few groups): one `lax.conv` per group with
+    its perturbed kernel, the cost of the layer (`out` unused);
+  - "matrix": `patches(a2) @ (W + c_g G_g)` per group, one batched matmul
+    (`out` unused).
+  """
+  num_groups = c_G.shape[0]
+  expand = lambda t: jnp.repeat(t, m, axis=0)  # [G, ...] -> [B, ...]
+  form = _form(layer, stats, num_groups)
+  dtype = layer.out_dtype
+  if form == "norm":
     gs_GxO, gb_GxO = stats
     xhat = _xhat(call, a2).astype(gs_GxO.dtype)
     xhat = xhat.reshape(xhat.shape[0], -1, xhat.shape[-1])
-    y_BxPxO = xhat * expand(gs_GxO)[:, None] + bias * expand(gb_GxO)[:, None]
-    y_BxPxO = c_B[:, None, None] * y_BxPxO
-    return y_BxPxO.reshape(layer.out_shape).astype(layer.out_dtype)
-  if len(stats) == 3:  # low rank: a_GxMxI, d_GxMxO, gb_GxO
-    a_GxMxI, d_GxMxO, gb_GxO = stats
-    a2_GxMxI = _groups(a2.astype(a_GxMxI.dtype), m)
-    coef_GxMxM = jnp.einsum("gmi,gni->gmn", a2_GxMxI, a_GxMxI)
-    y_GxMxO = jnp.einsum("gmn,gno->gmo", coef_GxMxM, d_GxMxO)
-    y_BxO = y_GxMxO.reshape(a2.shape[0], -1) + bias * expand(gb_GxO)
-    return (c_B[:, None] * y_BxO).astype(layer.out_dtype)
-  g_GxFxO, gb_GxO = stats
-  p_BxPxF = _patches(layer, a2).astype(g_GxFxO.dtype)
-  p_GxMPxF = p_BxPxF.reshape(g_GxFxO.shape[0], -1, p_BxPxF.shape[-1])
-  y_GxMPxO = jnp.einsum("gpf,gfo->gpo", p_GxMPxF, g_GxFxO)
-  y_BxPxO = y_GxMPxO.reshape(p_BxPxF.shape[:2] + (g_GxFxO.shape[-1],))
-  y_BxPxO = y_BxPxO + bias * expand(gb_GxO)[:, None]
-  y_BxPxO = c_B[:, None, None] * y_BxPxO
-  return y_BxPxO.reshape(layer.out_shape).astype(layer.out_dtype)
+    y_BxPxO = xhat * expand(gs_GxO)[:, None]
+    y_BxPxO = expand(c_G)[:, None, None] * y_BxPxO
+    y_BxPxO = y_BxPxO + _bias_B(layer, call, gb_GxO, c_G, m, True)[:, None]
+    return out + y_BxPxO.reshape(layer.out_shape).astype(dtype)
+  if form == "kernels":
+    g_GxFxO, gb_GxO = stats
+    kernel, conv = call.weights["kernel"], layer.conv
+    outs = []
+    for g in range(num_groups):
+      k_g = kernel + (c_G[g] * g_GxFxO[g]).reshape(kernel.shape)
+      outs.append(
+        jax.lax.conv_general_dilated(
+          a2[g * m : (g + 1) * m].astype(dtype),
+          k_g.astype(dtype),
+          conv["window_strides"],
+          conv["padding"],
+          rhs_dilation=conv["rhs_dilation"],
+          dimension_numbers=conv["dimension_numbers"],
+        )
+      )
+    y = jnp.concatenate(outs, axis=0)
+    b_BxO = _bias_B(layer, call, gb_GxO, c_G, m, False)
+    if layer.use_bias:
+      y = y + b_BxO.reshape((y.shape[0],) + (1,) * (y.ndim - 2) + (-1,))
+    return y.astype(dtype)
+  p_BxPxF = _patches(layer, a2)
+  p_GxMPxF = p_BxPxF.reshape(num_groups, -1, p_BxPxF.shape[-1])
+  if form == "factors":
+    p1_GxMPxF, d_GxMPxO, gb_GxO = stats
+    p_GxMPxF = p_GxMPxF.astype(p1_GxMPxF.dtype)
+    coef_GxMPxMP = jnp.einsum("gpf,gqf->gpq", p_GxMPxF, p1_GxMPxF)
+    y_GxMPxO = jnp.einsum("gpq,gqo->gpo", coef_GxMPxMP, d_GxMPxO)
+    y_GxMPxO = c_G[:, None, None] * y_GxMPxO
+  else:  # matrix
+    g_GxFxO, gb_GxO = stats
+    kernel = _flat_kernel(layer, call.weights["kernel"])
+    k_GxFxO = (kernel + c_G[:, None, None] * g_GxFxO).astype(dtype)
+    y_GxMPxO = jnp.einsum("gpf,gfo->gpo", p_GxMPxF.astype(dtype), k_GxFxO)
+  y_BxPxO = y_GxMPxO.reshape(p_BxPxF.shape[:2] + (y_GxMPxO.shape[-1],))
+  b_BxO = _bias_B(layer, call, gb_GxO, c_G, m, form == "factors")
+  y_BxPxO = y_BxPxO + (b_BxO[:, None] if layer.use_bias else 0.0)
+  y = y_BxPxO.reshape(layer.out_shape).astype(dtype)
+  return out + y if form == "factors" else y
 
 
 @contextlib.contextmanager
@@ -563,7 +650,7 @@ def sam_gradient(
 
   def perturbed_apply(p):
     def perturb(i, layer, call, a, out):
-      return out + _correction(layer, call, stats[i], c_G, a, m)
+      return _perturbed(layer, call, stats[i], c_G, a, out, m)
 
     with _on_layers(layers, perturb):
       return obj.apply_fn(p, x)

@@ -167,6 +167,70 @@ def test_m_sam_dense_low_rank_and_dense_forms_agree():
     assert rel_err(run(True), run(False)) < 1e-10
 
 
+class ConvNet(nn.Module):
+  conv: nn.Conv
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(self.conv(x))
+    return nn.Dense(K)(h.reshape(h.shape[0], -1))
+
+
+# name -> (conv, example shape, batch size, group size, form the conv takes)
+CONV_FORMS = {
+  "factors, stride 2": (nn.Conv(16, (3,), strides=2), (4, 8), 8, 2, "factors"),
+  "matrix, many groups": (nn.Conv(4, (3,)), (6, 1), 40, 1, "matrix"),
+  "kernels, 2-D dilated": (
+    nn.Conv(3, (2, 2), kernel_dilation=2, padding=((1, 0), (0, 1))),
+    (5, 5, 2),
+    8,
+    2,
+    "kernels",
+  ),
+  "matrix, input dilation": (
+    nn.Conv(3, (3,), input_dilation=2, padding=((1, 1),)),
+    (5, 2),
+    8,
+    2,
+    "matrix",
+  ),
+}
+
+
+@pytest.mark.parametrize("case", CONV_FORMS)
+def test_conv_group_gradient_forms(case, monkeypatch):
+  """A convolution's perturbed pass from the group gradient's `m P`
+  rank-one factors, from the [F, O] matrix (patches times the perturbed
+  kernel of each group), or with one `lax.conv` per group (few groups):
+  each form against the general path, and the form taken is the one the
+  rules pick."""
+  from sam_jax import per_example  # noqa: PLC0415
+
+  conv, shape, b, m, want = CONV_FORMS[case]
+  x = jax.random.normal(jax.random.key(4), (b, *shape), jnp.float64)
+  y = jnp.arange(b) % K
+  model = ConvNet(conv)
+  params = to64(model.init(jax.random.key(5), x))
+  obj = sj.Objective(model.apply, sj.softmax_cross_entropy)
+  forms = []
+  form = per_example._form
+
+  def spy(layer, stats, num_groups):
+    forms.append((form(layer, stats, num_groups), layer))
+    return forms[-1][0]
+
+  monkeypatch.setattr(per_example, "_form", spy)
+  for variant in sj.VARIANTS:
+    run = lambda fast, variant=variant: sj.sam_gradient(
+      obj, params, (x, y), RHO, variant=variant, group_size=m, fast=fast
+    )
+    (loss_f, fast), (loss_g, general) = run(True), run(False)
+    assert abs(float(loss_f - loss_g)) < 1e-12
+    assert rel_err(fast, general) < 1e-10
+  conv_forms = {f for f, layer in forms if layer.conv is not None}
+  assert conv_forms == {want}, forms
+
+
 @pytest.mark.parametrize("group_size", [1, 2])
 def test_nnx_from_nnx_matches_general_path(group_size):
   model = NnxNet(nnx.Rngs(0))
