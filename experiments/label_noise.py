@@ -211,6 +211,7 @@ final training accuracy on the examples whose label was kept / flipped,
 measured against the (noisy) training label, i.e. how much noise is
 memorised. Per-method metrics and plots: see the workdir."""
 
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -14,11 +14,12 @@ see `sam_jax.parallel.maybe_initialize_distributed`.
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sam_jax import parallel, train
+from sam_jax import parallel, run_io, train
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Training config file (ml_collections).", lock_config=True
@@ -39,7 +40,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except run_io.WorkdirError as e:  # A busy or damaged workdir: one line.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   keys = [k for k in summary if k != "config"]
   print(json.dumps({k: summary[k] for k in keys}, indent=2))
 

@@ -13,15 +13,29 @@
 
 With several processes (hosts) only process 0 writes the shared files; the
 others would race it. Training is watched through `progress_bar`.
+
+Faults (a kill, a full disk, a second run): `lock_workdir` refuses a second
+run naming the process that holds the workdir (the lock dies with its
+process); JSON files are replaced atomically, a JSONL line cut by a kill is
+dropped with a warning, any other damaged file is a `WorkdirError` naming
+it; `restore_latest` restores the newest checkpoint that restores and is
+finite, moving each damaged one aside to `<workdir>/damaged/`.
 """
 
+import contextlib
+import fcntl
 import json
+import os
 import pathlib
+import shutil
+import socket
+import sys
 import time
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
@@ -36,8 +50,71 @@ IGNORED_FIELDS = (
 )
 
 
+class WorkdirError(ValueError):
+  """A workdir file that cannot be used as it is (one line, naming it)."""
+
+
+def warn(message: str) -> None:
+  """One line on stderr: what the run did about a damaged file."""
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _writes_files() -> bool:
   return jax.process_index() == 0
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  """`path` holds either its old or its new text, whatever kills the
+  process (a temporary file in the same directory, then `os.replace`)."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    with tmp.open("w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WorkdirError(
+      f"{path} is damaged ({e}); move it aside or use a new workdir"
+    ) from None
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: pathlib.Path) -> Iterator[None]:
+  """Holds `<workdir>/.lock` while a run writes the workdir.
+
+  A second run (another process, or the same one) gets a `WorkdirError`
+  naming the holder's process id and host. The lock is an `flock`, which
+  the kernel releases when its process dies, so a lock left by a killed run
+  is simply taken over. Only process 0 locks (it alone writes).
+  """
+  if not _writes_files():
+    yield
+    return
+  path = pathlib.Path(workdir) / ".lock"
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+      raise WorkdirError(
+        f"workdir {workdir} is in use by {holder or 'another run'} "
+        f"(lock {path}); wait for it to end or use another workdir"
+      ) from None
+    os.ftruncate(fd, 0)
+    holder = f"process {os.getpid()} on {socket.gethostname()}"
+    os.pwrite(fd, holder.encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # Releases the flock.
 
 
 def run_name(config: ConfigDict) -> str:
@@ -57,31 +134,57 @@ def check_workdir_config(workdir: pathlib.Path, config: ConfigDict) -> None:
   path = workdir / "config.json"
   config_dict = json.loads(config.to_json())
   if path.exists():
-    old = _result_fields(json.loads(path.read_text()))
+    old = _result_fields(_read_json(path))
     new = _result_fields(config_dict)
     if old != new:
       diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-      raise ValueError(
+      raise WorkdirError(
         f"workdir {workdir} holds a run with a different config (fields "
         f"{diff}); use a new workdir"
       )
-  path.write_text(json.dumps(config_dict, indent=2))
+  _write_atomic(path, json.dumps(config_dict, indent=2))
 
 
 def read_records(path: pathlib.Path) -> list[dict]:
-  """The records of a JSONL file, `[]` if there is none."""
+  """The records of a JSONL file, `[]` if there is none.
+
+  A last line without its newline that does not parse was cut by a kill
+  mid-write: it is dropped from the file with a warning. Any other line
+  that does not parse is a `WorkdirError` naming the file and line.
+  """
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
+  text = path.read_text(errors="replace")
+  lines = text.split("\n")
+  records = []
+  for i, line in enumerate(lines):
+    if not line:
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:  # No newline after it: a cut write.
+        warn(f"dropped the cut last line {i + 1} of {path}")
+        write_records(path, records, "w")
+        break
+      raise WorkdirError(
+        f"{path} line {i + 1} is damaged ({e}); move the file aside or "
+        "use a new workdir"
+      ) from None
+  return records
 
 
 def write_records(path: pathlib.Path, records: list[dict], mode: str) -> None:
-  """Writes (`mode="w"`) or appends (`"a"`) one JSON line per record."""
+  """Writes (`mode="w"`, atomically) or appends (`"a"`) one JSON line per
+  record."""
   if not _writes_files():
     return
+  lines = "".join(json.dumps(r) + "\n" for r in records)
+  if mode == "w":
+    _write_atomic(path, lines)
+    return
   with path.open(mode) as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+    f.write(lines)
 
 
 def drop_records_after(path: pathlib.Path, last: int, field: str) -> None:
@@ -112,6 +215,51 @@ def restore(ckpt: ocp.CheckpointManager, step: int, like: Any, **extra):
   if not extra:
     return ckpt.restore(step, args=tree)
   return ckpt.restore(step, args=ocp.args.Composite(tree=tree, **extra))
+
+
+def _finite(tree: Any) -> bool:
+  leaves = [np.asarray(a) for a in jax.tree.leaves(tree)]
+  return all(
+    np.isfinite(a).all() for a in leaves if np.issubdtype(a.dtype, np.inexact)
+  )
+
+
+def _move_aside(ckpt: ocp.CheckpointManager, step: int, why: str) -> None:
+  """Moves checkpoint `step` to `<workdir>/damaged/` (never deleted)."""
+  source = pathlib.Path(ckpt.directory) / str(step)
+  damaged = source.parent.parent / "damaged"
+  damaged.mkdir(exist_ok=True)
+  target = damaged / f"{source.parent.name}-{step}"
+  n = 1
+  while target.exists():
+    n += 1
+    target = damaged / f"{source.parent.name}-{step}.{n}"
+  shutil.move(source, target)
+  warn(f"checkpoint {source} is damaged ({why}); moved to {target}")
+
+
+def restore_latest(
+  ckpt: ocp.CheckpointManager, like: Any, **extra: Any
+) -> tuple[int, Optional[Any]]:
+  """`(step, restored)` of the newest checkpoint that restores (`restore`
+  with `like` and `extra`) and holds only finite values; `(0, None)` if
+  there is none. Each newer one that does not is moved aside to
+  `<workdir>/damaged/` with a warning line naming it.
+  """
+  for step in sorted(ckpt.all_steps(read=True), reverse=True):
+    try:
+      restored = restore(ckpt, step, like, **extra)
+    except Exception as e:  # noqa: BLE001 - any damage: try an older one
+      first = (str(e).strip().splitlines() or [""])[0][:160]
+      why = f"{type(e).__name__}: {first}"
+    else:
+      if _finite(restored.tree if extra else restored):
+        return step, restored
+      why = "non-finite values"
+    if _writes_files():
+      _move_aside(ckpt, step, why)
+    ckpt.reload()
+  return 0, None
 
 
 def progress_bar(config: ConfigDict, todo: range, done: int) -> tqdm.tqdm:
@@ -157,5 +305,5 @@ def write_summary(
     config=json.loads(config.to_json()),
   )
   if _writes_files():
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
   return summary

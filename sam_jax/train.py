@@ -477,6 +477,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   validate_config(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  with run_io.lock_workdir(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
   run_io.check_workdir_config(workdir, config)
   t0 = time.perf_counter()
   seeds = [config.seed + i for i in range(config.num_seeds)]
@@ -490,9 +495,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   ckpt = run_io.checkpoint_manager(workdir / "checkpoints", max_to_keep=2)
   metrics_path = workdir / "metrics.jsonl"
-  start = ckpt.latest_step() or 0
+  start, restored = run_io.restore_latest(ckpt, states)
   if start:
-    states = run_io.restore(ckpt, start, states)
+    states = restored
   # Drop metrics past the checkpoint: those epochs are run again.
   run_io.drop_records_after(metrics_path, start, "epoch")
   log_curvature = _curvature_logger(

@@ -323,9 +323,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     FloatingPointError: a non-finite loss, gradient or parameter.
   """
   validate_config(config)
-  t0 = time.perf_counter()
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  with run_io.lock_workdir(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
+  t0 = time.perf_counter()
   run_io.check_workdir_config(workdir, config)
   mesh = parallel.make_mesh(config.num_devices)
   parallel.check_batch_size(config.batch_size, mesh, "batch_size")
@@ -362,10 +367,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   best_ckpt = run_io.checkpoint_manager(workdir / "best", max_to_keep=1)
   key_data = np.asarray(key)
   meta = {"best_accuracy": -1.0}
-  start = ckpt.latest_step() or 0
+  like = _checkpoint_tree(state, key_data)
+  start, restored = run_io.restore_latest(
+    ckpt, like, meta=ocp.args.JsonRestore()
+  )
   if start:
-    like = _checkpoint_tree(state, key_data)
-    restored = run_io.restore(ckpt, start, like, meta=ocp.args.JsonRestore())
     state, meta = restored.tree["state"], restored.meta
     key_data = np.asarray(restored.tree["rng"])
   for later in [s for s in best_ckpt.all_steps() if s > start]:

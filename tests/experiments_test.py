@@ -15,6 +15,7 @@ from absl import flags
 from experiments import label_noise, report
 from experiments import main as main_lib
 from experiments.configs import label_noise_mnist1d
+from sam_jax import run_io
 
 CONFIG = pathlib.Path(__file__).parents[1] / (
   "experiments/configs/label_noise_mnist1d.py"
@@ -146,3 +147,13 @@ def test_overrides_are_checked():
     label_noise.parse_overrides(["novalue"])
   with pytest.raises(ValueError, match="unknown config field"):
     label_noise.make_config("sgd", {"rhoo": 0.1})
+
+
+def test_cli_refuses_a_busy_workdir_in_one_line(tmp_path, cli, capsys):
+  (tmp_path / "w").mkdir()
+  with run_io.lock_workdir(tmp_path / "w"):
+    with pytest.raises(SystemExit) as exit_:
+      cli([f"--config={CONFIG}:sgd", f"--workdir={tmp_path / 'w'}"])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "is in use by process" in err[0], err

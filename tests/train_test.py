@@ -347,7 +347,17 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
   assert (
     ocp.CheckpointManager(tmp_path / "b" / "checkpoints").latest_step() == 2
   )
+  # What a full disk leaves: the newest checkpoint cut short, a metrics
+  # line cut mid-write. The resume goes back to epoch 1, moves the damaged
+  # checkpoint aside and ends exactly as the uninterrupted run.
+  latest = tmp_path / "b" / "checkpoints" / "2" / "default"
+  for path in [p for p in latest.rglob("*") if p.is_file()]:
+    if path.parent.name == "d":
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+    f.write('{"epoch": 3, "se')
   train.train_and_evaluate(c, str(tmp_path / "b"))
+  assert (tmp_path / "b" / "damaged" / "checkpoints-2").is_dir()
 
   def final(run):
     mngr = ocp.CheckpointManager(tmp_path / run / "checkpoints")
