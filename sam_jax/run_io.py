@@ -19,7 +19,9 @@ run naming the process that holds the workdir (the lock dies with its
 process); JSON files are replaced atomically, a JSONL line cut by a kill is
 dropped with a warning, any other damaged file is a `WorkdirError` naming
 it; `restore_latest` restores the newest checkpoint that restores and is
-finite, moving each damaged one aside to `<workdir>/damaged/`.
+finite, moving each damaged one aside to `<workdir>/damaged/`. A SIGTERM is
+recorded by `Preemption`: the trainers checkpoint, write a "preempted"
+summary and stop; a rerun resumes.
 """
 
 import contextlib
@@ -28,6 +30,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -260,6 +263,35 @@ def restore_latest(
       _move_aside(ckpt, step, why)
     ckpt.reload()
   return 0, None
+
+
+class Preemption:
+  """Records a SIGTERM so that the loop can checkpoint and stop cleanly.
+
+  Only with one process: on a multi-host run each host may get the signal
+  at a different step, so there orbax's `reached_preemption` (jax's
+  preemption sync point) decides instead.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      try:
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # Not the main thread: no handler, no harm.
+        self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 def progress_bar(config: ConfigDict, todo: range, done: int) -> tqdm.tqdm:

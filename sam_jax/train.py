@@ -515,35 +515,41 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
   bar = run_io.progress_bar(
     config, range(start + 1, config.num_epochs + 1), start
   )
-  epoch_times = []
-  try:
-    for epoch in bar:
-      t_epoch = time.perf_counter()
-      states, out = epoch_fn(states, keys_S, ds.x_train, ds.labels, epoch)
-      _raise_non_finite(out, config, epoch, seeds)
-      last = epoch == config.num_epochs
-      if epoch % config.eval_every_epochs == 0 or last:
-        m = eval_fn(states.params, train_set, eval_set)
-        m["train_loss"] = jnp.mean(out["loss"], axis=1)
-        recs = metrics.to_records(
-          m, seeds, epoch=epoch, step=epoch * steps_per_epoch
-        )
-        run_io.write_records(metrics_path, recs, "a")
-        bar.set_postfix({acc_key: np.mean([r[acc_key] for r in recs])})
-      if epoch % config.checkpoint_every_epochs == 0 or last:
-        ckpt.save(epoch, args=ocp.args.StandardSave(_host_copy(states)))
-      epoch_times.append(time.perf_counter() - t_epoch)
-      log_curvature(states.params, epoch, last)
-  finally:
-    run_io.close_checkpoints(ckpt)
-    bar.close()
+  epoch_times, status = [], "ok"
+  # SIGTERM: the epoch ends, is checkpointed, and the run stops.
+  with run_io.Preemption() as preemption:
+    try:
+      for epoch in bar:
+        t_epoch = time.perf_counter()
+        states, out = epoch_fn(states, keys_S, ds.x_train, ds.labels, epoch)
+        _raise_non_finite(out, config, epoch, seeds)
+        stop = preemption.requested
+        last = epoch == config.num_epochs
+        if epoch % config.eval_every_epochs == 0 or last:
+          m = eval_fn(states.params, train_set, eval_set)
+          m["train_loss"] = jnp.mean(out["loss"], axis=1)
+          recs = metrics.to_records(
+            m, seeds, epoch=epoch, step=epoch * steps_per_epoch
+          )
+          run_io.write_records(metrics_path, recs, "a")
+          bar.set_postfix({acc_key: np.mean([r[acc_key] for r in recs])})
+        if epoch % config.checkpoint_every_epochs == 0 or last or stop:
+          ckpt.save(epoch, args=ocp.args.StandardSave(_host_copy(states)))
+        epoch_times.append(time.perf_counter() - t_epoch)
+        log_curvature(states.params, epoch, last)
+        if stop and epoch < config.num_epochs:
+          status = "preempted"  # Checkpointed above: a rerun resumes here.
+          break
+    finally:
+      run_io.close_checkpoints(ckpt)
+      bar.close()
 
   return run_io.write_summary(
     workdir,
     config,
     ds.split,
     t0,
-    "ok",
+    status,
     # Median epoch (train, eval, checkpoint) after the first, which compiles.
     epoch_s=float(np.median(epoch_times[1:])) if epoch_times[1:] else None,
     steps_per_epoch=steps_per_epoch,

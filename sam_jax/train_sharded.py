@@ -51,7 +51,6 @@ the step; checkpoints are only written from finite states.
 """
 
 import pathlib
-import signal
 import time
 from typing import Any, Callable
 
@@ -237,35 +236,6 @@ def check_finite(outs: list[dict], first_step: int, config) -> None:
 _all_finite = jax.jit(train_lib.all_finite)
 
 
-class _Preemption:
-  """Records a SIGTERM so that the loop can checkpoint and stop cleanly.
-
-  Only with one process: on a multi-host run each host may get the signal
-  at a different step, so there orbax's `reached_preemption` (jax's
-  preemption sync point) decides instead.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    if jax.process_count() == 1:
-      try:
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # Not the main thread: no handler, no harm.
-        self._old = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-
 # Jitted with the model static: flax initialisers are slow to run eagerly.
 # On CPU without LLVM's expensive passes: the init runs once, and compiling
 # a ResNet's initialisers otherwise takes 5x longer.
@@ -410,7 +380,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
   status, outs, step = "ok", [], start
   t_first, first_step = None, start  # Timing starts after the first step.
   try:
-    with _Preemption() as preemption:
+    with run_io.Preemption() as preemption:
       for step in bar:
         epoch, t = divmod(step, steps_per_epoch)
         if t == 0 or step == start:

@@ -1,7 +1,9 @@
 """Tests for sam_jax.train, sam_jax.methods, sam_jax.metrics (tiny sizes)."""
 
 import json
+import os
 import re
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -369,6 +371,28 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)  # Same program, same inputs: exact.
   read = lambda run: (tmp_path / run / "metrics.jsonl").read_text()
   assert read("a") == read("b")
+
+  # SIGTERM during epoch 2: the epoch ends, is checkpointed, the summary
+  # says "preempted"; the rerun ends as the uninterrupted run.
+  def sigterm_in_epoch_2(out, config, epoch, seeds):
+    if epoch == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    real(out, config, epoch, seeds)
+
+  monkeypatch.setattr(train, "_raise_non_finite", sigterm_in_epoch_2)
+  summary = train.train_and_evaluate(c, str(tmp_path / "c"))
+  assert summary["status"] == "preempted"
+  assert ocp.CheckpointManager(tmp_path / "c" / "checkpoints").all_steps() == [
+    1,
+    2,
+  ]
+  monkeypatch.setattr(train, "_raise_non_finite", real)
+  assert train.train_and_evaluate(c, str(tmp_path / "c"))["status"] == "ok"
+  assert read("a") == read("c")
+  for a, b in zip(
+    jax.tree.leaves(final("a")), jax.tree.leaves(final("c")), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
   # A rerun with another config in the same workdir is refused.
   with pytest.raises(ValueError, match="learning_rate"):
     train.train_and_evaluate(
