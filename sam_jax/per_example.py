@@ -49,6 +49,7 @@ reads elsewhere (tied embeddings); such models need `fast=False`.
 
 import contextlib
 import itertools
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
@@ -432,13 +433,10 @@ def _low_rank(layer: Layer, a: jax.Array, m: int) -> bool:
   cheaper than the [F, O] matrix: `m P (F + O) <= F O`."""
   if layer.norm:
     return False
-  positions = 1
-  for n in layer.out_shape[1:-1]:
-    positions *= n
+  positions = math.prod(layer.out_shape[1:-1])
   features = a.shape[-1]
   if layer.conv is not None:
-    for k in layer.conv["filter_shape"]:
-      features *= k
+    features *= math.prod(layer.conv["filter_shape"])
   elif a.ndim != 2:
     return False
   out = layer.out_shape[-1]
@@ -505,9 +503,10 @@ def _flat_kernel(layer: Layer, kernel: jax.Array) -> jax.Array:
 
 
 def _bias_B(layer: Layer, call, gb_GxO, c_G, m: int, perturbed_only: bool):
-  """`[B, O]`: `c_g gb_g`, plus the layer's bias unless `perturbed_only`."""
+  """`[B, O]`: `c_g gb_g`, plus the layer's bias unless `perturbed_only`;
+  zeros for a layer without bias."""
   if not layer.use_bias:
-    return 0.0
+    return jnp.zeros((c_G.shape[0] * m, gb_GxO.shape[-1]), gb_GxO.dtype)
   b_GxO = c_G[:, None] * gb_GxO
   if not perturbed_only:
     b_GxO = b_GxO + call.weights["bias"]
@@ -555,8 +554,7 @@ def _perturbed(layer: Layer, call, stats, c_G, a2, out, m: int):
       )
     y = jnp.concatenate(outs, axis=0)
     b_BxO = _bias_B(layer, call, gb_GxO, c_G, m, False)
-    if layer.use_bias:
-      y = y + b_BxO.reshape((y.shape[0],) + (1,) * (y.ndim - 2) + (-1,))
+    y = y + b_BxO.reshape((y.shape[0],) + (1,) * (y.ndim - 2) + (-1,))
     return y.astype(dtype)
   p_BxPxF = _patches(layer, a2)
   p_GxMPxF = p_BxPxF.reshape(num_groups, -1, p_BxPxF.shape[-1])
@@ -573,7 +571,7 @@ def _perturbed(layer: Layer, call, stats, c_G, a2, out, m: int):
     y_GxMPxO = jnp.einsum("gpf,gfo->gpo", p_GxMPxF.astype(dtype), k_GxFxO)
   y_BxPxO = y_GxMPxO.reshape(p_BxPxF.shape[:2] + (y_GxMPxO.shape[-1],))
   b_BxO = _bias_B(layer, call, gb_GxO, c_G, m, form == "factors")
-  y_BxPxO = y_BxPxO + (b_BxO[:, None] if layer.use_bias else 0.0)
+  y_BxPxO = y_BxPxO + b_BxO[:, None]
   y = y_BxPxO.reshape(layer.out_shape).astype(dtype)
   return out + y if form == "factors" else y
 

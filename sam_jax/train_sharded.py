@@ -337,7 +337,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
   best_ckpt = run_io.checkpoint_manager(workdir / "best", max_to_keep=1)
   key_data = np.asarray(key)
   meta = {"best_accuracy": -1.0}
-  like = _checkpoint_tree(state, key_data)
+  like = {"state": state, "rng": key_data}  # Shapes only: no copy.
   start, restored = run_io.restore_latest(
     ckpt, like, meta=ocp.args.JsonRestore()
   )

@@ -232,6 +232,34 @@ def test_conv_group_gradient_forms(case, monkeypatch):
 
 
 @pytest.mark.parametrize("group_size", [1, 2])
+def test_layers_without_bias_or_scale(group_size):
+  """Norms and convolutions built without bias (or scale) in every form."""
+  net = nn.Sequential(
+    [
+      nn.Conv(4, (3,), use_bias=False),
+      nn.LayerNorm(use_bias=False),
+      nn.GroupNorm(num_groups=2, use_scale=False, use_bias=False),
+      lambda h: h.reshape(h.shape[0], -1),
+      nn.Dense(K, use_bias=False),
+    ]
+  )
+  x, y = batch()
+  params = to64(net.init(jax.random.key(6), x))
+  obj = sj.Objective(net.apply, sj.softmax_cross_entropy)
+  for variant in sj.VARIANTS:
+    run = lambda fast, variant=variant: sj.sam_gradient(
+      obj,
+      params,
+      (x, y),
+      RHO,
+      variant=variant,
+      group_size=group_size,
+      fast=fast,
+    )[1]
+    assert rel_err(run(True), run(False)) < 1e-10
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
 def test_nnx_from_nnx_matches_general_path(group_size):
   model = NnxNet(nnx.Rngs(0))
   obj = sj.Objective.from_nnx(model, sj.softmax_cross_entropy)
