@@ -66,7 +66,7 @@ def _writes_files() -> bool:
   return jax.process_index() == 0
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
+def write_atomic(path: pathlib.Path, text: str) -> None:
   """`path` holds either its old or its new text, whatever kills the
   process (a temporary file in the same directory, then `os.replace`)."""
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -145,7 +145,7 @@ def check_workdir_config(workdir: pathlib.Path, config: ConfigDict) -> None:
         f"workdir {workdir} holds a run with a different config (fields "
         f"{diff}); use a new workdir"
       )
-  _write_atomic(path, json.dumps(config_dict, indent=2))
+  write_atomic(path, json.dumps(config_dict, indent=2))
 
 
 def read_records(path: pathlib.Path) -> list[dict]:
@@ -184,7 +184,7 @@ def write_records(path: pathlib.Path, records: list[dict], mode: str) -> None:
     return
   lines = "".join(json.dumps(r) + "\n" for r in records)
   if mode == "w":
-    _write_atomic(path, lines)
+    write_atomic(path, lines)
     return
   with path.open(mode) as f:
     f.write(lines)
@@ -337,5 +337,5 @@ def write_summary(
     config=json.loads(config.to_json()),
   )
   if _writes_files():
-    _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
   return summary
