@@ -13,9 +13,8 @@ shows the median step time over repetitions divided by SGD's median.
 Default table: every method and the two optax transforms on
 `models.CNN1D()` and `models.MLP()` (`models.make_objective`).
 
-`--idioms`: SGD, n-SAM, 1-SAM, J-SAM(1), L-SAM(1) and m-SAM(16) on two
-CNNs on [B, 40] inputs, 10 classes, each written in the three idioms a
-researcher writes:
+`--idioms`: SGD, n-SAM, 1-SAM, J-SAM(1), L-SAM(1) and m-SAM(16) on four
+models, 10 classes, each written in the idioms a researcher writes:
 
   linen-vars    `sj.Objective(model.apply, loss)`, params the variables
                 dict `model.init(key, x)`
@@ -25,10 +24,18 @@ researcher writes:
                 `sj.Objective.from_nnx(model, loss)`, params
                 `nnx.state(model, nnx.Param)`, a `jax.jit` step with optax
 
-  cnn1d  `models.CNN1D()`: three stride-2 'SAME' convs of 32 channels,
-         kernel 5, dense 64 (the MNIST-1D CNN of the experiments)
-  cnn3   three stride-1 'SAME' convs of 32 channels, kernel 5, dense 256,
-         inputs [B, 40, 1] (`benchmarks.curvature_cost` `build("cnn3")`)
+  cnn1d        `models.CNN1D()`: three stride-2 'SAME' convs of 32
+               channels, kernel 5, dense 64 (the MNIST-1D CNN of the
+               experiments), inputs [B, 40]
+  cnn3         three stride-1 'SAME' convs of 32 channels, kernel 5, dense
+               256, inputs [B, 40, 1] (`benchmarks.curvature_cost`
+               `build("cnn3")`)
+  cnn2d        CIFAR-shaped: 3x3 'SAME' convs of 32, 64, 64 channels
+               (strides 1, 2, 2) on [B, 32, 32, 3], then the head
+  resnet18-ln  `resnet.ResNet18(widths=(16, 32, 64, 128), norm="layer")`
+               (the label-noise paper's model at width 16) on
+               [B, 32, 32, 3]; linen idioms only (sam_jax has no NNX
+               ResNet)
 
 All (model, idiom) columns are timed interleaved in one round-robin, and
 `sj.fast_path` says per column whether 1-SAM takes the fast path.
@@ -41,7 +48,9 @@ Targets (DESIGN.md, issue #14): n-SAM <= 2.05x, L-/J-SAM (n) <= 2.1x,
 """
 
 import argparse
+from typing import Any, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -50,7 +59,7 @@ from flax import nnx
 
 import sam_jax as sj
 from benchmarks import timing
-from sam_jax import models
+from sam_jax import models, resnet
 
 BASE = dict(learning_rate=0.05, momentum=0.9)
 LENGTH, CLASSES = 40, 10
@@ -186,24 +195,60 @@ class NNXCNN1D(nnx.Module):
     return self.head(h)
 
 
-def linen_vars(net, x):
-  model = models.CNN1D(**net, num_classes=CLASSES)
+class CNN2D(nn.Module):
+  """CIFAR-shaped: 3x3 'SAME' convs (stride 1, then 2), ReLU, the head."""
+
+  widths: Sequence[int] = (32, 64, 64)
+
+  @nn.compact
+  def __call__(self, x):
+    h = x
+    for i, width in enumerate(self.widths):
+      stride = (1, 1) if i == 0 else (2, 2)
+      h = nn.relu(nn.Conv(width, (3, 3), strides=stride, padding="SAME")(h))
+    return nn.Dense(CLASSES, name="head")(h.reshape(h.shape[0], -1))
+
+
+class NNXCNN2D(nnx.Module):
+  """`CNN2D` written with nnx layers."""
+
+  def __init__(self, widths, *, rngs):
+    chans = (3, *widths)
+    self.convs = nnx.List(
+      [
+        nnx.Conv(
+          a, b, (3, 3), strides=1 if i == 0 else 2, padding="SAME", rngs=rngs
+        )
+        for i, (a, b) in enumerate(zip(chans, chans[1:]))
+      ]
+    )
+    side = 32 // 2 ** (len(widths) - 1)
+    self.head = nnx.Linear(side * side * widths[-1], CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    h = x
+    for conv in self.convs:
+      h = nnx.relu(conv(h))
+    return self.head(h.reshape(h.shape[0], -1))
+
+
+def linen_vars(model, x):
   return sj.Objective(model.apply, LOSS), model.init(jax.random.key(1), x)
 
 
-def linen_params(net, x):
-  model = models.CNN1D(**net, num_classes=CLASSES)
+def linen_params(model, x):
   obj = sj.Objective(lambda p, x: model.apply({"params": p}, x), LOSS)
   return obj, model.init(jax.random.key(1), x)["params"]
 
 
-def nnx_module(net, x):
+def nnx_module(make_nnx, x):
   del x
-  model = NNXCNN1D(**net, rngs=nnx.Rngs(1))
+  model = make_nnx(nnx.Rngs(1))
   return sj.Objective.from_nnx(model, LOSS), nnx.state(model, nnx.Param)
 
 
-# idiom -> (net kwargs, sample x) -> (objective, params)
+# idiom -> (model, sample x) -> (objective, params); the model is the linen
+# module for linen idioms and `rngs -> nnx.Module` for nnx.
 IDIOMS = {
   "linen-vars": linen_vars,
   "linen-params": linen_params,
@@ -211,13 +256,45 @@ IDIOMS = {
 }
 
 
-def cnns(tiny=False):
-  """name -> (CNN1D kwargs, input shape without the batch axis)."""
+class IdiomModel(NamedTuple):
+  linen: nn.Module
+  nnx: Any  # rngs -> nnx.Module, or None (no NNX version)
+  shape: tuple[int, ...]  # input shape without the batch axis
+
+
+def idiom_models(tiny=False) -> dict[str, IdiomModel]:
+  """name -> the model in each idiom and its input shape."""
   c, d1, d3 = ((4,) * 3, (8,), (8,)) if tiny else ((32,) * 3, (64,), (256,))
+  net1 = dict(channels=c, kernel_size=5, stride=2, dense=d1)
+  net3 = dict(channels=c, kernel_size=5, stride=1, dense=d3)
+  w2 = (4, 8, 8) if tiny else (32, 64, 64)
+  wr = (4, 4, 4, 4) if tiny else (16, 32, 64, 128)
+  cnn1d = lambda net: models.CNN1D(**net, num_classes=CLASSES)
+  nnx1d = lambda net: lambda rngs: NNXCNN1D(**net, rngs=rngs)
   return {
-    "cnn1d": (dict(channels=c, kernel_size=5, stride=2, dense=d1), (LENGTH,)),
-    "cnn3": (dict(channels=c, kernel_size=5, stride=1, dense=d3), (LENGTH, 1)),
+    "cnn1d": IdiomModel(cnn1d(net1), nnx1d(net1), (LENGTH,)),
+    "cnn3": IdiomModel(cnn1d(net3), nnx1d(net3), (LENGTH, 1)),
+    "cnn2d": IdiomModel(
+      CNN2D(w2), lambda rngs: NNXCNN2D(w2, rngs=rngs), (32, 32, 3)
+    ),
+    "resnet18-ln": IdiomModel(
+      resnet.ResNet18(num_classes=CLASSES, norm="layer", widths=wr),
+      None,
+      (32, 32, 3),
+    ),
   }
+
+
+MODEL_NAMES = ("cnn1d", "cnn3", "cnn2d", "resnet18-ln")
+DEFAULT_MODELS = MODEL_NAMES
+
+
+def build_idiom(model: IdiomModel, idiom: str, x):
+  """`(objective, params)` of `model` written in `idiom` (None if the model
+  has no version in it)."""
+  if idiom == "nnx":
+    return None if model.nnx is None else nnx_module(model.nnx, x)
+  return IDIOMS[idiom](model.linen, x)
 
 
 def select(labels, only):
@@ -237,13 +314,16 @@ def idiom_columns(args):
     args.methods,
   )
   all_runs, verdicts = {}, {}
-  for model_name, (net, shape) in cnns(args.tiny).items():
-    if args.models and model_name not in args.models:
+  for model_name, model in idiom_models(args.tiny).items():
+    if model_name not in (args.models or DEFAULT_MODELS):
       continue
-    batch = make_batch((args.batch, *shape))
-    for idiom, build in IDIOMS.items():
+    batch = make_batch((args.batch, *model.shape))
+    for idiom in IDIOMS:
+      built = build_idiom(model, idiom, batch[0])
+      if built is None:
+        continue
       column = f"{model_name} {idiom}"
-      obj, params = build(net, batch[0])
+      obj, params = built
       verdicts[column] = sj.fast_path(obj, params, batch)
       all_runs |= runs(obj, params, batch, labels, grad_methods, column + "|")
   results = timing.time_interleaved(all_runs, args.reps, args.steps)
@@ -320,7 +400,10 @@ def main(argv=None):
   )
   parser.add_argument("--methods", nargs="+", help="rows (labels) to time")
   parser.add_argument(
-    "--models", nargs="+", choices=("cnn1d", "cnn3"), help="with --idioms"
+    "--models",
+    nargs="+",
+    choices=MODEL_NAMES,
+    help=f"with --idioms (default: {' '.join(DEFAULT_MODELS)})",
   )
   args = parser.parse_args(argv)
   if args.tiny:

@@ -28,12 +28,19 @@ Params = Any
 MatVec = Callable[[Params], Params]
 
 
+def _check_inputs(params: Params, batch: Batch) -> None:
+  """One-line errors naming the argument (at trace time, no cost)."""
+  objective.check_params(params)
+  objective.batch_size(batch)
+
+
 def hvp(obj: Objective, params: Params, batch: Batch, v: Params) -> Params:
   """Hessian-vector product `H v` of the batch loss, forward-over-reverse.
 
   `H v = jvp(grad L, (w,), (v,))` (PAPERS.md B1); costs about two
   gradients.
   """
+  _check_inputs(params, batch)
   grad_fn = jax.grad(obj.loss)
   return jax.jvp(lambda w: grad_fn(w, batch), (params,), (v,))[1]
 
@@ -75,6 +82,7 @@ def gnvp(obj: Objective, params: Params, batch: Batch, v: Params) -> Params:
   about one gradient plus one jvp (1.3x a gradient measured on the MNIST-1D
   CNN). GN is positive semi-definite for convex losses.
   """
+  _check_inputs(params, batch)
   x, y = batch
   f = lambda w: obj.apply_fn(w, x)
   # jvp then a separate vjp: XLA merges the two identical forward passes,
@@ -93,6 +101,7 @@ def nmevp(obj: Objective, params: Params, batch: Batch, v: Params) -> Params:
   `NME v = jvp(w' -> vjp(f, w')(SG[r(w)]), (w,), (v,))`. It vanishes for a
   model linear in `w` and at interpolation (`r = 0`).
   """
+  _check_inputs(params, batch)
   x, y = batch
   f = lambda w: obj.apply_fn(w, x)
   _, r = obj.residual(f(params), y)
@@ -256,7 +265,7 @@ class Curvature:
   def __init__(self, objective: Objective, params: Params, batches):
     self.objective, self.params = objective, params
     self._batches, self._weights = _stack_batches(batches)
-    leaves = jax.tree.leaves(obj_trainable(objective, params)[1])
+    leaves = jax.tree.leaves(obj_trainable(objective, params).params)
     self.num_params = sum(jnp.size(leaf) for leaf in leaves)
 
   def matvec(self, of: str = "h") -> MatVec:
@@ -381,7 +390,7 @@ def _key(key: Array | None) -> Array:
 def _mean_product(of, obj, params, batches, weights, v):
   """`sum_g weight_g * mean over group g's batches of the product`, in
   the trainable part of `params` (`objective.trainable`)."""
-  obj, params, _ = obj_trainable(obj, params)
+  obj, params = obj_trainable(obj, params)[:2]
   product = mean_over_batches(_PRODUCTS[of])
   total = None
   for group, weight in zip(batches, weights):
@@ -397,7 +406,7 @@ def _compiled(query: str, of: str, obj: Objective, statics: tuple, weights):
 
   def run(params, batches, key):
     mv = functools.partial(_mean_product, of, obj, params, batches, weights)
-    params = obj_trainable(obj, params)[1]
+    params = obj_trainable(obj, params).params
     if query == "eig":
       num_iters, k, vectors = statics
       ritz = spectral.lanczos_ritz(

@@ -80,11 +80,15 @@ class Objective(NamedTuple):
     loss_fn: `(logits [B, K], y) -> per-example loss [B]`.
     apply_with_aux: optional `(params, x) -> (logits, aux)`, the logits of
       `apply_fn` and a by-product of the same pass (None: no aux).
+    trainable: the collections of a flax variables dict that are
+      differentiated (see `trainable`); default `("params",)`; None: every
+      leaf of `params` is a parameter.
   """
 
   apply_fn: Callable[[Params, Array], Array]
   loss_fn: Callable[[Array, Array], Array]
   apply_with_aux: Optional[Callable[[Params, Array], tuple[Array, Any]]] = None
+  trainable: Optional[tuple[str, ...]] = ("params",)
 
   @classmethod
   def from_nnx(
@@ -147,12 +151,14 @@ class Objective(NamedTuple):
 
   def loss_and_aux(self, params: Params, batch: Batch) -> tuple[Array, Any]:
     """`(L(w), aux)` from one pass (see `apply_and_aux`)."""
+    batch_size(batch)
     x, y = batch
     logits, aux = self.apply_and_aux(params, x)
     return jnp.mean(self.loss_fn(logits, y)), aux
 
   def per_example_loss(self, params: Params, batch: Batch) -> Array:
     """Per-example losses `l(f(w, x_i), y_i)`, shape [B]."""
+    batch_size(batch)
     x, y = batch
     return self.loss_fn(self.apply_fn(params, x), y)
 
@@ -171,40 +177,103 @@ class Objective(NamedTuple):
     return mean_loss, r
 
 
-def _is_flax_variables(obj: Objective, params: Params) -> bool:
-  """A linen `model.apply` given the full variables dict with state."""
-  import flax.linen as nn  # noqa: PLC0415 -- only linen objectives need it
-
-  module = getattr(obj.apply_fn, "__self__", None)
+def is_variables_dict(params: Params) -> bool:
+  """A flax variables dict: a mapping of collections (each a mapping) with
+  a top-level `params` collection beside at least one other (batch_stats,
+  constants, ...), whatever the function that applies it."""
   return (
-    isinstance(module, nn.Module)
-    and isinstance(params, Mapping)
+    isinstance(params, Mapping)
     and "params" in params
     and len(params) > 1
+    and all(isinstance(c, Mapping) for c in params.values())
   )
 
 
-def trainable(obj: Objective, params: Params):
-  """`(obj', params', rebuild)` differentiating a linen variables dict's
-  'params' collection only.
+def check_params(params: Params, name: str = "params") -> None:
+  """Raises a TypeError naming `name` (and the leaf's path) unless `params`
+  is a pytree of floating-point arrays: not a flax module (pass its
+  variables), nor a tree with a string, integer or key leaf, which autodiff
+  cannot perturb."""
+  if callable(params):
+    raise TypeError(
+      f"{name} must be the model's variables, got the {type(params).__name__}"
+      " itself: pass model.init(...) (linen) or nnx.state(model, nnx.Param) "
+      "(NNX)"
+    )
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    dtype = getattr(leaf, "dtype", None)
+    if isinstance(leaf, float) or (
+      dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+    ):
+      continue
+    what = f"dtype {dtype}" if dtype is not None else type(leaf).__name__
+    raise TypeError(
+      f"{name}{jax.tree_util.keystr(path)} must be a floating-point array, "
+      f"got {what}"
+    )
 
-  For `Objective(model.apply, loss)` given the full variables dict of
-  `model.init` (with batch_stats, constants, ...), the other collections
-  are state: `obj'` holds them fixed, `params'` is `params["params"]`, and
-  `rebuild(grads')` restores the full structure with zero gradients for
-  the state. Any other params are returned unchanged (`rebuild` is the
-  identity). Every function of sam_jax that differentiates goes through
-  this, so the state is never perturbed, penalised or part of a spectrum.
+
+class Trainable(NamedTuple):
+  """The trainable part of `params` (`trainable`).
+
+  Attributes:
+    obj: the objective on the trainable part (the rest held fixed).
+    params: the trainable part.
+    rebuild: trainable-shaped gradients -> full structure (zeros for state).
+    select: a full-structure tree (e.g. a clean gradient) -> its trainable
+      part.
   """
-  if not _is_flax_variables(obj, params):
-    return obj, params, lambda g: g
-  state = {k: v for k, v in params.items() if k != "params"}
-  full = lambda p: type(params)({**state, "params": p})
+
+  obj: Objective
+  params: Params
+  rebuild: Callable[[Any], Any]
+  select: Callable[[Any], Any]
+
+
+def trainable(obj: Objective, params: Params) -> Trainable:
+  """The objective and parameters that sam_jax differentiates.
+
+  The rule, in one sentence: when `params` is a flax variables dict (a
+  mapping of collections with `params` beside others, `is_variables_dict`)
+  only its `obj.trainable` collections (default `params`) are perturbed and
+  differentiated, whatever `apply_fn` is (a bound `model.apply`, a
+  `functools.partial` or a lambda around it), and the others (batch_stats,
+  ...) are state that get zero gradients; `Objective(..., trainable=None)`
+  makes every leaf a parameter. The trainable part is `params["params"]` (a
+  dict of the collections when several are trainable); any other params
+  are trainable as they are. Every function of sam_jax that differentiates
+  goes through this, so the state is never perturbed, penalised or part of
+  a spectrum. Raises (naming the leaf) if the trainable part is not a tree
+  of floating-point arrays.
+  """
+  names = obj.trainable
+  if names is None or not is_variables_dict(params):
+    check_params(params)
+    same = lambda tree: tree
+    return Trainable(obj, params, same, same)
+  names = (names,) if isinstance(names, str) else tuple(names)
+  missing = [n for n in names if n not in params]
+  if missing or not names:
+    raise ValueError(
+      f"Objective.trainable={obj.trainable!r} names collections the "
+      f"variables dict does not have (it has {sorted(params)})"
+    )
+  if len(names) == 1:
+    select = lambda tree: tree[names[0]]
+    merge = lambda p: {names[0]: p}
+  else:
+    select = lambda tree: {n: tree[n] for n in names}
+    merge = dict
+  check_params(select(params), f"params[{names[0]!r}]")
+  state = {k: v for k, v in params.items() if k not in names}
+  full = lambda p: type(params)({**state, **merge(p)})
   apply_fn, with_aux = obj.apply_fn, obj.apply_with_aux
-  obj = Objective(
-    lambda p, x: apply_fn(full(p), x),
-    obj.loss_fn,
-    None if with_aux is None else lambda p, x: with_aux(full(p), x),
+  obj = obj._replace(
+    apply_fn=lambda p, x: apply_fn(full(p), x),
+    apply_with_aux=None
+    if with_aux is None
+    else lambda p, x: with_aux(full(p), x),
+    trainable=None,
   )
 
   def rebuild(grads):
@@ -212,7 +281,7 @@ def trainable(obj: Objective, params: Params):
       k: jax.tree.map(jnp.zeros_like, v) for k, v in state.items()
     }
 
-  return obj, params["params"], rebuild
+  return Trainable(obj, select(params), rebuild, select)
 
 
 def batch_size(batch: Any, name: str = "batch") -> int:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import flatten_util, lax
 
-from sam_jax import curvature, objective
+from sam_jax import curvature, objective, sam
 from sam_jax.objective import Batch, Objective
 
 Array = jax.Array
@@ -304,7 +304,8 @@ def _resolve(name: str, hparams: dict) -> dict:
     if value is _REQUIRED:
       raise ValueError(f"{name}: missing hyperparameter {field!r}")
     if field in ("rho", "sigma", "lambda_w", "lambda_a"):
-      # Concrete numbers are checked; traced ones (schedules) cannot be.
+      # Concrete numbers are checked; traced ones (schedules, grids) cannot
+      # be, and become NaN when bad (as in sam_jax.sam: the step is NaN).
       if isinstance(value, bool) or (
         isinstance(value, (int, float))
         and not (math.isfinite(value) and value >= 0)
@@ -312,6 +313,7 @@ def _resolve(name: str, hparams: dict) -> dict:
         raise ValueError(
           f"{name}: {field} must be a finite number >= 0, got {value}"
         )
+      hp[field] = sam.nan_unless_valid(value)
   if "num_probes" in hp and not (
     isinstance(hp["num_probes"], int) and hp["num_probes"] >= 1
   ):

@@ -279,7 +279,7 @@ def fast_path(
   _check_args("sam", group_size, batch_size, "auto")
   if group_size >= batch_size:
     return FastPath(False, "group_size >= batch size: n-SAM, no groups")
-  obj, params, _ = trainable(obj, params)
+  obj, params = trainable(obj, params)[:2]
   return _fast_path(obj, params, batch[0], group_size, adaptive)[0]
 
 
@@ -360,12 +360,10 @@ def sam_gradient(
   """
   batch_size = objective.batch_size(batch)
   _check_args(variant, group_size, batch_size, fast)
-  check_rho(rho)
-  check_eta(eta)
-  given = params
-  obj, params, rebuild = trainable(obj, params)
-  if clean_grads is not None and params is not given:
-    clean_grads = clean_grads["params"]
+  rho = _radius(check_rho(rho), check_eta(eta), adaptive)
+  obj, params, rebuild, select = trainable(obj, params)
+  if clean_grads is not None:
+    clean_grads = select(clean_grads)
   x, y = batch
   if group_size is None or group_size == batch_size:
     out, grads = _group_sam_gradient(
@@ -469,10 +467,24 @@ def check_eta(eta: Any) -> Any:
   return eta
 
 
-def _nan_unless_valid(rho: jax.Array) -> jax.Array:
-  """Inside jit nothing raises: a negative or non-finite rho becomes NaN,
-  which makes the update NaN for the trainer's finiteness check."""
-  return jnp.where(jnp.isfinite(rho) & (rho >= 0), rho, jnp.nan)
+def nan_unless_valid(value: Any, strict: bool = False) -> Any:
+  """Inside jit nothing raises: a traced rho that is negative or not finite
+  (with `strict`, an eta that is not > 0) becomes NaN, which makes the
+  gradient NaN for `optax.apply_if_finite` or the trainer's finiteness
+  check. A concrete value (already checked) is returned as it is."""
+  if not isinstance(value, jax.core.Tracer):
+    return value
+  ok = jnp.isfinite(value) & ((value > 0) if strict else (value >= 0))
+  return jnp.where(ok, value, jnp.nan)
+
+
+def _radius(rho: Any, eta: Any, adaptive: bool) -> Any:
+  """rho, NaN if it is traced and bad, or if ASAM's traced eta is not > 0
+  (whose NaN eps alone would be zeroed, giving SGD without a word)."""
+  rho = nan_unless_valid(rho)
+  if adaptive and isinstance(eta, jax.core.Tracer):
+    rho = jnp.where(jnp.isnan(nan_unless_valid(eta, strict=True)), jnp.nan, rho)
+  return rho
 
 
 def _loss_dtype(params: Params) -> Any:
@@ -505,6 +517,7 @@ def sam(
   adaptive: bool = False,
   eta: float = 0.01,
   axis_name: Optional[AxisName] = None,
+  ghost_batch_norm: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM as an optax transform that turns the clean gradient into SAM's.
 
@@ -517,12 +530,15 @@ def sam(
   suffices for plain n-SAM (and adaptive). Variants that need the logits
   (logit, jacobian, or any group_size) take `objective=obj, batch=batch`
   instead. n-SAM (group_size None or B) takes its perturbation from the
-  incoming clean gradient `updates`. Groups (m-/1-SAM) recompute it per
-  group and ignore `updates` (only its dtypes are kept): pass
-  `optax.tree.zeros_like(params)`, or None, rather than computing a clean
-  gradient nobody uses; `sj.sam_gradient` followed by any optax optimizer
-  is the same computation. `state.loss` holds the clean batch loss of the
-  objective path.
+  incoming clean gradient `updates`; on the objective path (without
+  axis_name) `updates` may be None, and the clean gradient is then the
+  objective's own pass (an NNX model with Dropout: the same masks as the
+  perturbed pass, which a gradient from `nnx.value_and_grad(model)` does
+  not share). Groups (m-/1-SAM) recompute it per group and ignore
+  `updates` (only its dtypes are kept): pass None (or zeros) rather than
+  computing a clean gradient nobody uses; `sj.sam_gradient` followed by
+  any optax optimizer is the same computation. `state.loss` holds the clean
+  batch loss of the objective path.
 
   Composition: sj.sam replaces the incoming gradient by the SAM gradient, so
   a transform chained before it only shapes eps (n-SAM's direction; eps is
@@ -556,10 +572,15 @@ def sam(
       the global batch on one device (m-/1-SAM: groups within each device's
       batch). Without it, each device would perturb along its own gradient
       and the replicas drift apart.
+    ghost_batch_norm: m-SAM on a model with BatchNorm in training mode,
+      each group normalised by its own statistics (see `sam_gradient`).
 
   rho = 0 returns the incoming gradient's base updates exactly
-  (`w + 0 = w`). Wrap the chain in `optax.apply_if_finite` to skip
-  non-finite steps.
+  (`w + 0 = w`). To skip non-finite steps put `optax.apply_if_finite` after
+  sj.sam, around the optimizer: `chain(sj.sam(rho), apply_if_finite(
+  sgd(lr), n))`; wrapped around the chain it checks only the incoming
+  gradient, which group variants ignore (zeros pass) and which misses a
+  non-finite perturbed pass.
   """
   check_rho(rho, allow_schedule=True)
   if callable(rho):
@@ -592,25 +613,34 @@ def sam(
     del extra_args
     if params is None:
       raise ValueError("sam needs params (pass them to update)")
-    if callable(rho):
-      rho_t = _nan_unless_valid(jnp.asarray(rho(state.count)))
-    elif isinstance(rho, jax.Array):  # e.g. traced by inject_hyperparams
-      rho_t = _nan_unless_valid(rho)
-    else:
-      rho_t = rho
+    # A traced rho (a schedule, inject_hyperparams) that is bad becomes NaN
+    # in sam_gradient; here the same rule for the grad_fn path.
+    rho_t = rho(state.count) if callable(rho) else rho
+    if not isinstance(rho_t, jax.core.Tracer):  # eager: raise, as elsewhere
+      check_rho(
+        rho_t, name=f"rho({int(state.count)})" if callable(rho) else "rho"
+      )
+    rho_t = _radius(rho_t, eta, adaptive)
     local_size = None if batch is None else jax.tree.leaves(batch)[0].shape[0]
     n_sam = group_size is None or group_size == local_size
-    if n_sam and updates is None:
+    has_objective = objective is not None and batch is not None
+    # None, or the empty state nnx.Optimizer makes of None.
+    no_updates = updates is None or not jax.tree.leaves(updates)
+    if n_sam and no_updates and not (has_objective and not axis_name):
       raise ValueError(
         "sam(group_size=None) is n-SAM, whose perturbation comes from the "
-        "incoming clean gradient: pass it as updates, not None"
+        "incoming clean gradient: pass it as updates, not None (None is "
+        "allowed with objective= and batch= and no axis_name: the clean "
+        "gradient is then the objective's own)"
       )
     loss = state.loss
-    if objective is not None and batch is not None:
-      if group_size is None:  # n-SAM of the global batch
+    if has_objective:
+      if no_updates or not n_sam:  # the objective's own clean pass
+        clean = None
+      elif group_size is None:  # n-SAM of the global batch
         clean = pmean(updates)
       else:  # group_size == local batch: that group's own gradient
-        clean = updates if n_sam else None
+        clean = updates
       loss, grads = sam_gradient(
         objective,
         params,
@@ -621,6 +651,7 @@ def sam(
         adaptive=adaptive,
         eta=eta,
         clean_grads=clean,
+        ghost_batch_norm=ghost_batch_norm,
       )
       loss, grads = pmean((loss, grads))
     elif grad_fn is not None:
@@ -639,7 +670,7 @@ def sam(
       )
     # Group variants ignore updates (None, zeros, or the empty state that
     # nnx.Optimizer makes of None): the dtypes come from params.
-    like = updates if n_sam else params
+    like = params if no_updates or not n_sam else updates
     grads = jax.tree.map(lambda g, u: g.astype(u.dtype), grads, like)
     return grads, SamState(
       count=optax.safe_increment(state.count),

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 
+import sam_jax as sj
 from benchmarks import model_flops, step_cost, timing
 
 
@@ -58,6 +59,25 @@ def test_step_cost_idioms_runs_tiny(capsys):
     assert f"# cnn3 {idiom}: 1-SAM fast path: True\n" in out
   rows = [line.split(" | ")[0] for line in out.splitlines() if line[:2] == "| "]
   assert rows == ["| method", "| sgd", "| 1-sam"]
+
+
+def test_step_cost_idiom_models_take_the_fast_path():
+  """The CIFAR-shaped 2-D CNN (three idioms) and ResNet-18-LN (linen
+  idioms) of `--idioms`, tiny: 1-SAM's fast path applies to each."""
+  built = 0
+  for name in ("cnn2d", "resnet18-ln"):
+    model = step_cost.idiom_models(tiny=True)[name]
+    batch = step_cost.make_batch((4, *model.shape))
+    for idiom in step_cost.IDIOMS:
+      out = step_cost.build_idiom(model, idiom, batch[0])
+      if out is None:
+        assert (name, idiom) == ("resnet18-ln", "nnx")
+        continue
+      obj, params = out
+      verdict = sj.fast_path(obj, params, batch)
+      assert verdict, (name, idiom, verdict.reason)
+      built += 1
+  assert built == 5
 
 
 def test_step_cost_default_table_runs_tiny(capsys):

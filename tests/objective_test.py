@@ -1,11 +1,19 @@
-"""The per-example losses of sam_jax.objective: values against optax and
-closed forms, and bad labels, which inside jit give NaN instead of raising."""
+"""sam_jax.objective: the per-example losses against optax and closed
+forms, bad labels (NaN inside jit instead of raising); flax variables dicts
+recognised by their structure whatever wraps `model.apply` (only `params`
+differentiated unless `trainable=` says otherwise); and bad params or
+batches named in one line on every path."""
 
+import functools
+
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import sam_jax as sj
 
@@ -103,3 +111,157 @@ def test_logistic_loss_and_mse_closed_forms():
   np.testing.assert_allclose(
     sj.mse(jnp.zeros((3, 2)), y), 0.5 * jnp.sum(y**2, axis=1)
   )
+
+
+# ----------------------------------------- flax variables dicts (trainable)
+
+
+class _BNNet(nn.Module):
+  """Dense -> BatchNorm -> Dense with a `train` flag: the model a researcher
+  wraps (`functools.partial(model.apply, train=...)`)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(4)(x)
+    h = nn.BatchNorm(use_running_average=not train)(h)
+    return nn.Dense(K)(jnp.tanh(h))
+
+
+def _bn_problem():
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+  y = jnp.arange(8) % K
+  model = _BNNet()
+  variables = model.init(jax.random.key(0), x)
+  # Move the running averages off their init, so eval mode uses them.
+  _, upd = model.apply(
+    variables, x * 2 + 1, train=True, mutable=["batch_stats"]
+  )
+  return model, {**variables, **upd}, (x, y)
+
+
+def _params_only(model, variables, **kw):
+  state = {k: v for k, v in variables.items() if k != "params"}
+  return sj.Objective(
+    lambda p, x: model.apply({**state, "params": p}, x, **kw),
+    sj.softmax_cross_entropy,
+  )
+
+
+@pytest.mark.parametrize("wrap", ["partial", "lambda"])
+def test_wrapped_linen_apply_differentiates_params_only_in_eval_mode(wrap):
+  """`functools.partial(model.apply, train=False)` or a lambda: the variables
+  dict is recognised by its structure, batch_stats get zero gradients and
+  the params' gradient is that of the params-only objective, for n-SAM and
+  1-SAM (BatchNorm on running averages: the fast path applies)."""
+  model, variables, batch = _bn_problem()
+  apply = (
+    functools.partial(model.apply, train=False)
+    if wrap == "partial"
+    else lambda v, x: model.apply(v, x, train=False)
+  )
+  obj = sj.Objective(apply, sj.softmax_cross_entropy)
+  ref = _params_only(model, variables, train=False)
+  for group_size in (None, 1):
+    loss, grads = sj.sam_gradient(
+      obj, variables, batch, 0.05, group_size=group_size
+    )
+    want_loss, want = sj.sam_gradient(
+      ref, variables["params"], batch, 0.05, group_size=group_size
+    )
+    assert set(grads) == {"params", "batch_stats"}
+    assert all(not jnp.any(g) for g in jax.tree.leaves(grads["batch_stats"]))
+    chex.assert_trees_all_close(grads["params"], want, rtol=1e-12)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-12)
+  assert sj.fast_path(obj, variables, batch, group_size=1)
+  # An optax step moves the params, never the running statistics.
+  tx = optax.chain(sj.sam(0.05, group_size=1), optax.sgd(0.1))
+  updates, _ = tx.update(
+    None, tx.init(variables), variables, objective=obj, batch=batch
+  )
+  new = optax.apply_updates(variables, updates)
+  chex.assert_trees_all_equal(new["batch_stats"], variables["batch_stats"])
+
+
+def test_wrapped_linen_apply_in_training_mode_n_sam_and_1_sam_refused():
+  """Training mode (batch statistics): n-SAM differentiates params only;
+  groups smaller than the batch are refused (BatchNorm mixes them)."""
+  model, variables, batch = _bn_problem()
+  train = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+  obj = sj.Objective(train, sj.softmax_cross_entropy)
+  ref = _params_only(model, variables, train=True, mutable=["batch_stats"])
+  ref = ref._replace(apply_fn=lambda p, x, f=ref.apply_fn: f(p, x)[0])
+  _, grads = sj.sam_gradient(obj, variables, batch, 0.05)
+  _, want = sj.sam_gradient(ref, variables["params"], batch, 0.05)
+  chex.assert_trees_all_close(grads["params"], want, rtol=1e-12)
+  assert all(not jnp.any(g) for g in jax.tree.leaves(grads["batch_stats"]))
+  with pytest.raises(ValueError, match="BatchNorm.*mixes the examples"):
+    sj.sam_gradient(obj, variables, batch, 0.05, group_size=1)
+
+
+def test_trainable_names_the_collections_and_none_means_every_leaf():
+  model, variables, batch = _bn_problem()
+  apply = functools.partial(model.apply, train=False)
+  every = sj.Objective(apply, sj.softmax_cross_entropy, trainable=None)
+  _, grads = sj.sam_gradient(every, variables, batch, 0.05)
+  assert any(jnp.any(g) for g in jax.tree.leaves(grads["batch_stats"]))
+  both = sj.Objective(
+    apply, sj.softmax_cross_entropy, trainable=("params", "batch_stats")
+  )
+  _, g2 = sj.sam_gradient(both, variables, batch, 0.05)
+  chex.assert_trees_all_close(g2, grads, rtol=1e-12)
+  bad = sj.Objective(apply, sj.softmax_cross_entropy, trainable=("weights",))
+  with pytest.raises(ValueError, match="trainable=.*weights"):
+    sj.sam_gradient(bad, variables, batch, 0.05)
+  # Not a variables dict: a plain dict with a "params" array is all params.
+  plain = {"params": jnp.ones((3, K)), "bias": jnp.zeros(K)}
+  obj = sj.Objective(
+    lambda p, x: x @ p["params"] + p["bias"], sj.softmax_cross_entropy
+  )
+  _, g = sj.sam_gradient(obj, plain, batch, 0.05)
+  assert jnp.any(g["bias"])
+
+
+# ------------------------------------------ bad input names its argument
+
+
+def test_a_module_or_a_bad_leaf_where_params_go_is_named():
+  model, variables, batch = _bn_problem()
+  obj = sj.Objective(
+    functools.partial(model.apply, train=False), sj.softmax_cross_entropy
+  )
+  with pytest.raises(TypeError, match="params must be the model's variables"):
+    sj.sam_gradient(obj, model, batch, 0.05)
+  net = nnx.Linear(3, K, rngs=nnx.Rngs(0))
+  nnx_obj = sj.Objective.from_nnx(net, sj.softmax_cross_entropy)
+  with pytest.raises(TypeError, match="nnx.state"):
+    sj.sam_gradient(nnx_obj, net, batch, 0.05)
+  with pytest.raises(TypeError, match=r"params\['params'\].*int32"):
+    ints = {**variables, "params": {"w": jnp.ones(3, jnp.int32)}}
+    sj.sam_gradient(obj, ints, batch, 0.05)
+  with pytest.raises(TypeError, match="params.*nnx.state"):
+    sj.hvp(nnx_obj, net, batch, net)
+
+
+def test_empty_or_malformed_batches_are_named_on_every_path():
+  model, variables, batch = _bn_problem()
+  obj = sj.Objective(
+    functools.partial(model.apply, train=False), sj.softmax_cross_entropy
+  )
+  x, y = batch
+  empty = (x[:0], y[:0])
+  with pytest.raises(ValueError, match="batch is empty"):
+    obj.loss(variables, empty)
+  # The grad_fn idiom of sj.sam: the user's gradient of obj.loss raises.
+  tx = sj.sam(0.05)
+  grad_fn = lambda p: jax.grad(obj.loss)(p, empty)
+  with pytest.raises(ValueError, match="batch is empty"):
+    tx.update(
+      grad_fn(variables), tx.init(variables), variables, grad_fn=grad_fn
+    )
+  params = variables["params"]
+  ref = _params_only(model, variables, train=False)
+  for fn in (sj.hvp, sj.gnvp, sj.nmevp):
+    with pytest.raises(ValueError, match="batch must be a tuple"):
+      fn(ref, params, {"x": x, "y": y}, params)
+    with pytest.raises(ValueError, match="batch is empty"):
+      fn(ref, params, empty, params)

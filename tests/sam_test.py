@@ -214,6 +214,32 @@ def test_bad_arguments_are_named():
     sj.sam(0.1, variant="nope")
 
 
+def test_bad_traced_rho_or_eta_gives_nan_inside_jit():
+  """Outside jit a bad rho / eta raises (above); inside, where nothing can
+  raise, it gives a NaN gradient, as sj.sam and the regularizers do."""
+  obj, params, batch = make_problem(TinyMLP())
+  nan = lambda tree: all(
+    bool(jnp.all(jnp.isnan(g))) for g in jax.tree.leaves(tree)
+  )
+  sam_at = jax.jit(lambda r: sj.sam_gradient(obj, params, batch, r)[1])
+  assert nan(sam_at(-0.1)) and nan(sam_at(jnp.inf))
+  assert not nan(sam_at(0.1))
+  one_sam = jax.jit(
+    lambda r: sj.sam_gradient(obj, params, batch, r, group_size=1)[1]
+  )
+  assert nan(one_sam(-0.1))
+  asam = jax.jit(
+    lambda e: sj.sam_gradient(obj, params, batch, RHO, adaptive=True, eta=e)[1]
+  )
+  assert nan(asam(0.0)) and not nan(asam(0.01))
+  penalty = jax.jit(
+    lambda r: sj.regularized_gradient("penalty", obj, params, batch, rho=r)[1]
+  )
+  assert nan(penalty(-0.1)) and not nan(penalty(0.1))
+  with pytest.raises(ValueError, match="rho"):
+    sj.sam_gradient(obj, params, batch, -0.1)
+
+
 # ---- Closed forms (PAPERS.md A3, A4) ----------------------------------------
 
 

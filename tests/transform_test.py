@@ -1,12 +1,14 @@
 """The optax transform `sam_jax.sam`: peers, contract, numerics."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.contrib
 import pytest
+from flax import nnx
 
 import sam_jax as sj
 from sam_jax import parallel
@@ -220,17 +222,132 @@ def test_zero_gradient_and_non_finite_batch_never_make_nan_params():
   u, _ = tx.update(grad_fn(w_star), tx.init(w_star), w_star, grad_fn=grad_fn)
   assert jnp.all(jnp.isfinite(u))
   np.testing.assert_allclose(u, 0.0, atol=1e-12)
-  # A non-finite batch: wrapped in apply_if_finite, the step is skipped and
-  # counted, parameters stay finite and unchanged.
+  # A non-finite batch: apply_if_finite after sj.sam skips the step and
+  # counts it, parameters stay finite and unchanged.
   bad = (batch[0].at[0, 0].set(jnp.nan), batch[1])
   bad_grad_fn = jax.grad(lambda w: obj.loss(w, bad))
-  safe = optax.apply_if_finite(tx, max_consecutive_errors=3)
+  safe = optax.chain(sj.sam(0.1), optax.apply_if_finite(optax.sgd(0.1), 3))
   w0 = jnp.zeros(D)
   state = safe.init(w0)
   u, state = safe.update(bad_grad_fn(w0), state, w0, grad_fn=bad_grad_fn)
   w1 = optax.apply_updates(w0, u)
   assert jnp.all(w1 == w0)
-  assert int(state.notfinite_count) == 1
+  assert int(state[1].notfinite_count) == 1
+
+
+@pytest.mark.parametrize("group_size", [None, 1])
+def test_apply_if_finite_after_sam_skips_a_nan_sam_step(group_size):
+  """A label out of range makes the SAM gradient NaN (the incoming one is
+  None: n-SAM takes the objective's own clean gradient, 1-SAM ignores it).
+  `chain(sj.sam, apply_if_finite(sgd))` skips the step and counts it, then
+  applies the next good one. Around the chain, apply_if_finite checks only
+  the incoming zeros of a group variant: the documented trap."""
+  obj, params, (x, y) = nonlinear_problem()
+  bad = (x, y.at[0].set(7))
+  safe = optax.chain(
+    sj.sam(0.1, group_size=group_size),
+    optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3),
+  )
+  state = safe.init(params)
+  u, state = safe.update(None, state, params, objective=obj, batch=bad)
+  assert all(not jnp.any(a) for a in jax.tree.leaves(u))
+  assert int(state[1].notfinite_count) == 1
+  assert int(state[1].total_notfinite) == 1
+  u, state = safe.update(None, state, params, objective=obj, batch=(x, y))
+  _, want = sj.sam_gradient(obj, params, (x, y), 0.1, group_size=group_size)
+  chex.assert_trees_all_close(u, jax.tree.map(lambda g: -0.1 * g, want))
+  assert int(state[1].notfinite_count) == 0
+  if group_size:
+    outer = optax.apply_if_finite(
+      optax.chain(sj.sam(0.1, group_size=1), optax.sgd(0.1)), 3
+    )
+    zeros = optax.tree.zeros_like(params)
+    u, _ = outer.update(
+      zeros, outer.init(params), params, objective=obj, batch=bad
+    )
+    assert all(bool(jnp.all(jnp.isnan(a))) for a in jax.tree.leaves(u))
+
+
+def test_ghost_batch_norm_through_the_transform():
+  """m-SAM on a model with BatchNorm in training mode: the error names
+  ghost_batch_norm=True, which sj.sam accepts like sam_gradient."""
+  net = nn.Sequential(
+    [nn.Dense(4), nn.BatchNorm(use_running_average=False), nn.Dense(3)]
+  )
+  x, y = jax.random.normal(jax.random.key(0), (8, D)), jnp.arange(8) % 3
+  v = net.init(jax.random.key(1), x)
+  obj = sj.Objective(
+    lambda p, x_: net.apply({**v, "params": p}, x_, mutable=["batch_stats"])[0],
+    sj.softmax_cross_entropy,
+  )
+  params = v["params"]
+  tx = sj.sam(0.1, group_size=2)
+  with pytest.raises(ValueError, match="ghost_batch_norm=True"):
+    tx.update(None, tx.init(params), params, objective=obj, batch=(x, y))
+  tx = sj.sam(0.1, group_size=2, ghost_batch_norm=True)
+  u, _ = tx.update(None, tx.init(params), params, objective=obj, batch=(x, y))
+  _, want = sj.sam_gradient(
+    obj, params, (x, y), 0.1, group_size=2, ghost_batch_norm=True
+  )
+  chex.assert_trees_all_close(u, want, rtol=1e-12)
+
+
+class _DropoutNet(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(D, 8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.drop(jnp.tanh(self.hidden(x))))
+
+
+def test_nnx_dropout_n_sam_shares_the_masks_of_its_objective():
+  """NNX with Dropout, n-SAM in nnx.Optimizer: with None as the incoming
+  gradient (or the gradient of obj.loss) the clean and perturbed passes
+  share the objective's dropout masks: the update is sam_gradient's. A
+  gradient from nnx.value_and_grad(model) uses the model's own stream:
+  other masks, another update (documented)."""
+  _, _, (x, y) = nonlinear_problem()
+  model = _DropoutNet(nnx.Rngs(0, dropout=1))
+  obj = sj.Objective.from_nnx(model, sj.softmax_cross_entropy)
+  params = nnx.state(model, nnx.Param)
+  _, want = sj.sam_gradient(obj, params, (x, y), 0.1)
+  tx = sj.sam(0.1)
+  for incoming in (None, jax.grad(obj.loss)(params, (x, y))):
+    got, _ = tx.update(
+      incoming, tx.init(params), params, objective=obj, batch=(x, y)
+    )
+    chex.assert_trees_all_close(got, want, rtol=1e-12)
+  ce = lambda m: jnp.mean(sj.softmax_cross_entropy(m(x), y))
+  model_grads = nnx.grad(ce)(model)
+  other, _ = tx.update(
+    nnx.state(model_grads, nnx.Param),
+    tx.init(params),
+    params,
+    objective=obj,
+    batch=(x, y),
+  )
+  diff = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), other, want)
+  assert max(jax.tree.leaves(diff)) > 1e-3
+  # The documented loop: nnx.Optimizer, None, inside nnx.jit.
+  opt = nnx.Optimizer(
+    model, optax.chain(sj.sam(0.1), optax.sgd(0.5)), wrt=nnx.Param
+  )
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    obj = sj.Objective.from_nnx(model, sj.softmax_cross_entropy)
+    params = nnx.state(model, nnx.Param)
+    _, grads = sj.sam_gradient(obj, params, (x, y), 0.1)
+    opt.update(model, None, objective=obj, batch=(x, y))
+    return grads
+
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  grads = step(model, opt, x, y)
+  after = nnx.state(model, nnx.Param)
+  moved = jax.tree.map(lambda a, b, g: a - 0.5 * g - b, before, after, grads)
+  assert max(float(jnp.max(jnp.abs(m))) for m in jax.tree.leaves(moved)) < 1e-12
 
 
 def test_transform_with_objective_equals_sam_gradient():
@@ -611,14 +728,26 @@ def test_group_variants_ignore_the_incoming_gradient(name):
   np.testing.assert_allclose(s0[0].loss, loss, rtol=1e-15)
 
 
-def test_n_sam_needs_the_incoming_gradient():
+def test_n_sam_without_incoming_gradient_uses_the_objectives_own():
+  """n-SAM's eps comes from `updates`; None is refused with grad_fn (and
+  with axis_name), and on the objective path means the objective's own
+  clean gradient: the same update as `sam_gradient`."""
   obj, params, batch = nonlinear_problem()
-  for tx, extra in (
-    (sj.sam(0.1), dict(grad_fn=jax.grad(lambda p: obj.loss(p, batch)))),
-    (sj.sam(0.1, variant="logit"), dict(objective=obj, batch=batch)),
-  ):
-    with pytest.raises(ValueError, match="updates"):
-      tx.update(None, tx.init(params), params, **extra)
+  tx = sj.sam(0.1)
+  with pytest.raises(ValueError, match="updates"):
+    grad_fn = jax.grad(lambda p: obj.loss(p, batch))
+    tx.update(None, tx.init(params), params, grad_fn=grad_fn)
+  for variant in ("sam", "logit", "jacobian"):
+    tx = sj.sam(0.1, variant=variant)
+    got, state = tx.update(
+      None, tx.init(params), params, objective=obj, batch=batch
+    )
+    loss, want = sj.sam_gradient(obj, params, batch, 0.1, variant=variant)
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
+    assert float(state.loss) == pytest.approx(float(loss))
+  tx = sj.sam(0.1, axis_name="data")
+  with pytest.raises(ValueError, match="axis_name"):
+    tx.update(None, tx.init(params), params, objective=obj, batch=batch)
 
 
 def test_state_exposes_the_clean_loss():
