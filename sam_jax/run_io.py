@@ -197,6 +197,28 @@ def drop_records_after(path: pathlib.Path, last: int, field: str) -> None:
   write_records(path, kept, "w")
 
 
+def evaluation_epochs(config: ConfigDict) -> list[int]:
+  """The epochs after which the trainers evaluate and write metrics: every
+  `eval_every_epochs`-th and the last."""
+  n, every = config.num_epochs, config.eval_every_epochs
+  return [e for e in range(1, n + 1) if e % every == 0 or e == n]
+
+
+def metrics_cover(
+  path: pathlib.Path, due: list[int], field: str, seeds: list[int]
+) -> Optional[int]:
+  """The last `field` value (epoch or step) up to which the records of
+  `path` hold every record due: one per seed at each value of `due` (the
+  evaluations, ascending). None when none is missing. A checkpoint past it
+  would skip the evaluation of a record that was lost (a cut last line):
+  `restore_latest(..., newest=)` moves it aside."""
+  have = {(r[field], r["seed"]) for r in read_records(path)}
+  for value in due:
+    if any((value, s) not in have for s in seeds):
+      return value - 1
+  return None
+
+
 def checkpoint_manager(
   directory: pathlib.Path, max_to_keep: int
 ) -> ocp.CheckpointManager:
@@ -242,23 +264,41 @@ def _move_aside(ckpt: ocp.CheckpointManager, step: int, why: str) -> None:
 
 
 def restore_latest(
-  ckpt: ocp.CheckpointManager, like: Any, **extra: Any
+  ckpt: ocp.CheckpointManager,
+  like: Any,
+  *,
+  newest: Optional[int] = None,
+  **extra: Any,
 ) -> tuple[int, Optional[Any]]:
   """`(step, restored)` of the newest checkpoint that restores (`restore`
   with `like` and `extra`) and holds only finite values; `(0, None)` if
   there is none. Each newer one that does not is moved aside to
   `<workdir>/damaged/` with a warning line naming it.
+
+  `newest`: the last step the run's metrics cover (their records up to it
+  are all there). A checkpoint past it is moved aside the same way, so
+  that the steps whose records were lost are run and evaluated again.
   """
+  items = ["tree", *extra] if extra else ["default"]
   for step in sorted(ckpt.all_steps(read=True), reverse=True):
-    try:
-      restored = restore(ckpt, step, like, **extra)
-    except Exception as e:  # noqa: BLE001 - any damage: try an older one
-      first = (str(e).strip().splitlines() or [""])[0][:160]
-      why = f"{type(e).__name__}: {first}"
+    folder = pathlib.Path(ckpt.directory) / str(step)
+    missing = [i for i in items if not (folder / i).is_dir()]
+    if newest is not None and step > newest:
+      why = f"newer than the metrics, which are complete up to {newest}"
+    elif missing:
+      # Checked before orbax sees it: a restore of a checkpoint with an
+      # item folder gone leaves the manager unable to restore any other.
+      why = f"item folder {folder / missing[0]} is missing"
     else:
-      if _finite(restored.tree if extra else restored):
-        return step, restored
-      why = "non-finite values"
+      try:
+        restored = restore(ckpt, step, like, **extra)
+      except Exception as e:  # noqa: BLE001 - any damage: try an older one
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        why = f"{type(e).__name__}: {first}"
+      else:
+        if _finite(restored.tree if extra else restored):
+          return step, restored
+        why = "non-finite values"
     if _writes_files():
       _move_aside(ckpt, step, why)
     ckpt.reload()

@@ -495,7 +495,9 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
 
   ckpt = run_io.checkpoint_manager(workdir / "checkpoints", max_to_keep=2)
   metrics_path = workdir / "metrics.jsonl"
-  start, restored = run_io.restore_latest(ckpt, states)
+  due = run_io.evaluation_epochs(config)
+  covered = run_io.metrics_cover(metrics_path, due, "epoch", seeds)
+  start, restored = run_io.restore_latest(ckpt, states, newest=covered)
   if start:
     states = restored
   # Drop metrics past the checkpoint: those epochs are run again.

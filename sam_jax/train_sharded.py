@@ -338,15 +338,17 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
   key_data = np.asarray(key)
   meta = {"best_accuracy": -1.0}
   like = {"state": state, "rng": key_data}  # Shapes only: no copy.
+  metrics_path = workdir / "metrics.jsonl"
+  due = [e * steps_per_epoch for e in run_io.evaluation_epochs(config)]
+  covered = run_io.metrics_cover(metrics_path, due, "step", [config.seed])
   start, restored = run_io.restore_latest(
-    ckpt, like, meta=ocp.args.JsonRestore()
+    ckpt, like, newest=covered, meta=ocp.args.JsonRestore()
   )
   if start:
     state, meta = restored.tree["state"], restored.meta
     key_data = np.asarray(restored.tree["rng"])
   for later in [s for s in best_ckpt.all_steps() if s > start]:
     best_ckpt.delete(later)  # From after the checkpoint: it is redone.
-  metrics_path = workdir / "metrics.jsonl"
   run_io.drop_records_after(metrics_path, start, "step")
 
   wrap = None

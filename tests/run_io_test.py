@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,7 @@ DAMAGE = {
   "data files deleted": lambda d: [p.unlink() for p in _data_files(d)],
   "manifest cut": lambda d: _cut([d / "default" / "manifest.ocdbt"], 0.5),
   "metadata deleted": lambda d: (d / "default" / "_METADATA").unlink(),
+  "item folder deleted": lambda d: shutil.rmtree(d / "default"),
 }
 
 

@@ -9,6 +9,7 @@ uninterrupted one.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import time
@@ -90,3 +91,39 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
   acc = lambda rs: [(r["epoch"], r["test_accuracy"]) for r in rs]
   assert acc(rec(ref)) == acc(rec(run))
   assert (run / "best").exists()
+
+
+def test_damage_after_a_finished_run_redoes_the_last_evaluation(tmp_path):
+  """A finished mock-CIFAR run, damaged twice: the newest checkpoint's item
+  folder deleted, then the last metrics line cut (its checkpoint kept).
+  Each rerun moves the newest checkpoint aside (kept under damaged/),
+  resumes from the one before and ends with bitwise the parameters and
+  the metrics of the undamaged run."""
+  ref, run = tmp_path / "ref", tmp_path / "run"
+  c = mock_main.set_fields(
+    label_noise_cifar10.get_config("sam"), mock_main.TINY
+  )
+  rec = lambda w: [json.loads(x) for x in open(w / "metrics.jsonl")]
+  acc = lambda rs: [(r["step"], r["test_accuracy"]) for r in rs]
+
+  def cut_last_line(workdir):
+    path = workdir / "metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+
+  damages = [
+    lambda w: shutil.rmtree(w / "checkpoints" / "12" / "tree"),
+    cut_last_line,
+  ]
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(c, str(ref))
+    train.train_and_evaluate(c, str(run))
+    for damage in damages:
+      damage(run)
+      assert train.train_and_evaluate(c, str(run))["status"] == "ok"
+      a, b = mock_main.final_params(ref), mock_main.final_params(run)
+      for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert u.dtype == v.dtype and np.array_equal(u, v)
+      assert acc(rec(ref)) == acc(rec(run))
+  kept = sorted(p.name for p in (run / "damaged").iterdir())
+  assert kept == ["checkpoints-12", "checkpoints-12.2"]
