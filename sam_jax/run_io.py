@@ -18,14 +18,16 @@ Faults (a kill, a full disk, a second run): `lock_workdir` refuses a second
 run naming the process that holds the workdir (the lock dies with its
 process); JSON files are replaced atomically, a JSONL line cut by a kill is
 dropped with a warning, any other damaged file is a `WorkdirError` naming
-it; `restore_latest` restores the newest checkpoint that restores and is
-finite, moving each damaged one aside to `<workdir>/damaged/`. A SIGTERM is
-recorded by `Preemption`: the trainers checkpoint, write a "preempted"
-summary and stop; a rerun resumes.
+it; `save_checkpoint` writes each checkpoint's SHA-256 sums beside it, and
+`restore_latest` restores the newest checkpoint that matches them, restores
+and is finite, moving each damaged one aside to `<workdir>/damaged/`. A
+SIGTERM is recorded by `Preemption`: the trainers checkpoint, write a
+"preempted" summary and stop; a rerun resumes.
 """
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -228,6 +230,55 @@ def checkpoint_manager(
   )
 
 
+CHECKSUMS = "sha256sums.json"
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _files(folder: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(
+    p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS
+  )
+
+
+def save_checkpoint(ckpt: ocp.CheckpointManager, step: int, args: Any) -> None:
+  """`ckpt.save(step, args)`, finished, then `<step>/sha256sums.json`: the
+  SHA-256 of every file of the checkpoint, which `restore_latest` checks
+  (flipped bytes that leave the values finite are damage too)."""
+  ckpt.save(step, args=args)
+  ckpt.wait_until_finished()
+  if not _writes_files():
+    return
+  folder = pathlib.Path(ckpt.directory) / str(step)
+  sums = {str(p.relative_to(folder)): _sha256(p) for p in _files(folder)}
+  write_atomic(folder / CHECKSUMS, json.dumps(sums, indent=1))
+
+
+def _checksum_damage(folder: pathlib.Path) -> Optional[str]:
+  """Why checkpoint `folder` does not match its checksums (None if it does,
+  or if it has none: written before checksums, or killed before them)."""
+  path = folder / CHECKSUMS
+  if not path.exists():
+    return None
+  try:
+    want = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return f"{path} is damaged"
+  for name, digest in want.items():
+    file = folder / name
+    if not file.is_file():
+      return f"{file} is missing"
+    if _sha256(file) != digest:
+      return f"{file} does not match its SHA-256 in {CHECKSUMS}"
+  return None
+
+
 def restore(ckpt: ocp.CheckpointManager, step: int, like: Any, **extra):
   """Checkpoint `step` restored with the structure and shapes of `like`.
 
@@ -289,6 +340,8 @@ def restore_latest(
       # Checked before orbax sees it: a restore of a checkpoint with an
       # item folder gone leaves the manager unable to restore any other.
       why = f"item folder {folder / missing[0]} is missing"
+    elif damage := _checksum_damage(folder):
+      why = damage
     else:
       try:
         restored = restore(ckpt, step, like, **extra)

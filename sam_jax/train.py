@@ -536,7 +536,9 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
           run_io.write_records(metrics_path, recs, "a")
           bar.set_postfix({acc_key: np.mean([r[acc_key] for r in recs])})
         if epoch % config.checkpoint_every_epochs == 0 or last or stop:
-          ckpt.save(epoch, args=ocp.args.StandardSave(_host_copy(states)))
+          run_io.save_checkpoint(
+            ckpt, epoch, ocp.args.StandardSave(_host_copy(states))
+          )
         epoch_times.append(time.perf_counter() - t_epoch)
         log_curvature(states.params, epoch, last)
         if stop and epoch < config.num_epochs:

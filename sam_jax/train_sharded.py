@@ -370,9 +370,10 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
       )
     m = dict(meta, step=step, epoch=step // steps_per_epoch)
     m["step_in_epoch"] = step % steps_per_epoch
-    ckpt.save(
+    run_io.save_checkpoint(
+      ckpt,
       step,
-      args=ocp.args.Composite(
+      ocp.args.Composite(
         tree=ocp.args.StandardSave(_checkpoint_tree(state, key_data)),
         meta=ocp.args.JsonSave(m),
       ),
@@ -414,11 +415,10 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
           if m["test_accuracy"] > meta["best_accuracy"]:
             meta = dict(best_accuracy=m["test_accuracy"], best_step=done)
             if done not in best_ckpt.all_steps():
-              best_ckpt.save(
+              run_io.save_checkpoint(
+                best_ckpt,
                 done,
-                args=ocp.args.StandardSave(
-                  jax.tree.map(jnp.copy, state.params)
-                ),
+                ocp.args.StandardSave(jax.tree.map(jnp.copy, state.params)),
               )
         if end_of_epoch:
           outs = []

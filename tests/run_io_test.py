@@ -128,7 +128,18 @@ DAMAGE = {
   "manifest cut": lambda d: _cut([d / "default" / "manifest.ocdbt"], 0.5),
   "metadata deleted": lambda d: (d / "default" / "_METADATA").unlink(),
   "item folder deleted": lambda d: shutil.rmtree(d / "default"),
+  "bytes flipped, values finite": lambda d: _flip(_data_files(d)),
+  "checksums cut": lambda d: _cut([d / run_io.CHECKSUMS], 0.5),
 }
+
+
+def _flip(paths):
+  # The largest data file holds the array: flip a byte of a float64 in the
+  # middle, low in its mantissa, so that the value stays finite.
+  path = max(paths, key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2 // 8 * 8] ^= 0x01
+  path.write_bytes(bytes(data))
 
 
 def _tree(step):
@@ -144,7 +155,7 @@ def test_restore_latest_skips_a_damaged_checkpoint(damage, tmp_path, capsys):
     tree = _tree(step)
     if damage == "non-finite" and step == 3:
       tree["w"][5] = np.nan
-    ckpt.save(step, args=ocp.args.StandardSave(tree))
+    run_io.save_checkpoint(ckpt, step, ocp.args.StandardSave(tree))
   run_io.close_checkpoints(ckpt)
   if damage != "non-finite":
     DAMAGE[damage](directory / "3")

@@ -94,8 +94,9 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
 
 
 def test_damage_after_a_finished_run_redoes_the_last_evaluation(tmp_path):
-  """A finished mock-CIFAR run, damaged twice: the newest checkpoint's item
-  folder deleted, then the last metrics line cut (its checkpoint kept).
+  """A finished mock-CIFAR run, damaged three times: the newest
+  checkpoint's item folder deleted; the last metrics line cut (its
+  checkpoint kept); a byte of the newest checkpoint flipped (values finite).
   Each rerun moves the newest checkpoint aside (kept under damaged/),
   resumes from the one before and ends with bitwise the parameters and
   the metrics of the undamaged run."""
@@ -111,9 +112,22 @@ def test_damage_after_a_finished_run_redoes_the_last_evaluation(tmp_path):
     text = path.read_text()
     path.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
 
+  def flip_a_byte(workdir):
+    # Low in the largest data file: the values stay finite (the checksum
+    # is what tells).
+    item = workdir / "checkpoints" / "12" / "tree"
+    path = max(
+      (p for p in item.rglob("*") if p.is_file() and p.parent.name == "d"),
+      key=lambda p: p.stat().st_size,
+    )
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
   damages = [
     lambda w: shutil.rmtree(w / "checkpoints" / "12" / "tree"),
     cut_last_line,
+    flip_a_byte,
   ]
   with tfds.testing.mock_data(num_examples=64):
     train.train_and_evaluate(c, str(ref))
@@ -126,4 +140,4 @@ def test_damage_after_a_finished_run_redoes_the_last_evaluation(tmp_path):
         assert u.dtype == v.dtype and np.array_equal(u, v)
       assert acc(rec(ref)) == acc(rec(run))
   kept = sorted(p.name for p in (run / "damaged").iterdir())
-  assert kept == ["checkpoints-12", "checkpoints-12.2"]
+  assert kept == ["checkpoints-12", "checkpoints-12.2", "checkpoints-12.3"]
