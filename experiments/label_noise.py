@@ -38,9 +38,10 @@ from typing import Any, Sequence
 
 from absl import app, flags, logging
 
-from experiments import report
+from experiments import errors, report
 from experiments.configs import label_noise_mnist1d as base
 from sam_jax import metrics, train
+from sam_jax.train_config import ConfigError
 
 HPARAM_FIELDS = ("method", "rho", "group_size", "lambda_w", "lambda_a")
 SHARED_FIELDS = (
@@ -64,7 +65,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
   for item in items:
     field, sep, value = item.partition("=")
     if not sep:
-      raise ValueError(f"--set expects field=value, got {item!r}")
+      raise ConfigError(f"--set expects field=value, got {item!r}")
     try:
       out[field.strip()] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -82,14 +83,20 @@ def make_config(
   An override of a field the config lacks is an error (a typo would be
   silently ignored), except for the dotted names in `new_fields`.
   """
+  if label not in base.METHODS:
+    raise ConfigError(
+      f"--labels: unknown label {label!r}; valid: {list(base.METHODS)}"
+    )
   config = base.get_config(label)
   for field, value in (overrides or {}).items():
     *parents, leaf = field.split(".")
     node = config
     for p in parents:
+      if p not in node:
+        raise ConfigError(f"--set: unknown config field {field!r}")
       node = node[p]
     if leaf not in node and field not in new_fields:
-      raise ValueError(f"--set: unknown config field {field!r}")
+      raise ConfigError(f"--set: unknown config field {field!r}")
     node[leaf] = value
   return config
 
@@ -201,6 +208,9 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string(
     "set", [], "field=value config override for every label (repeatable)."
   )
+  flags.DEFINE_bool(
+    "debug", False, "Show the traceback of a user or machine error."
+  )
 
 
 LEGEND = """\
@@ -213,6 +223,11 @@ memorised. Per-method metrics and plots: see the workdir."""
 
 
 def main(argv):
+  """The CLI; a user or machine error is one line `error: ...`, exit 2."""
+  errors.one_line_errors(_main, argv, debug=flags.FLAGS.debug)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS

@@ -331,7 +331,8 @@ def restore_latest(
   that the steps whose records were lost are run and evaluated again.
   """
   items = ["tree", *extra] if extra else ["default"]
-  for step in sorted(ckpt.all_steps(read=True), reverse=True):
+  ckpt.reload()
+  for step in sorted(ckpt.all_steps(), reverse=True):
     folder = pathlib.Path(ckpt.directory) / str(step)
     missing = [i for i in items if not (folder / i).is_dir()]
     if newest is not None and step > newest:

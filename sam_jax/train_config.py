@@ -1,6 +1,7 @@
 """Checks of a training config, run before anything trains.
 
-`validate_config(config)` raises a ValueError naming the first bad field
+`validate_config(config)` raises a `ConfigError` (a ValueError) naming the
+first bad field
 (`config.rho`, `config.data.noise_rate`, ...), so a sweep fails at once
 rather than after hours. Method-specific fields are checked by the method's
 own validator (`sam_jax.methods.register(name, validate=...)`).
@@ -119,12 +120,27 @@ def num_train_examples(config: ConfigDict) -> int:
   return n - int(round(d.val_fraction * n)) if d.val_fraction else n
 
 
+class ConfigError(ValueError):
+  """A bad config value, named (`config.rho must be ...`): the user's
+  mistake, which `python -m experiments.main` prints as one line."""
+
+
 def validate_config(config: ConfigDict) -> None:
   """Checks a training config before anything runs.
 
   Raises:
-    ValueError: naming the first bad field, e.g. `config.rho`.
+    ConfigError: (a ValueError) naming the first bad field, e.g.
+      `config.rho`, also for the checks of the method's own validator.
   """
+  try:
+    _validate(config)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _validate(config: ConfigDict) -> None:
   d, m = config.data, config.model
   names = ("mnist1d",) + TFDS_DATASETS
   _check(d.name in names, "data.name", d.name, f"one of {names}")

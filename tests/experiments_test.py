@@ -7,12 +7,13 @@ All run the real label-noise config shrunk on the command line (or with
 import json
 import math
 import pathlib
+import subprocess
 import sys
 
 import pytest
 from absl import flags
 
-from experiments import label_noise, report
+from experiments import errors, label_noise, report
 from experiments import main as main_lib
 from experiments.configs import label_noise_mnist1d
 from sam_jax import run_io
@@ -72,14 +73,72 @@ def test_cli_trains_each_method(label, tmp_path, cli, capsys):
       assert math.isfinite(r[k]), (k, r)
 
 
-def test_cli_overrides_method_fields(tmp_path, cli):
+def test_cli_overrides_method_fields(tmp_path, cli, capsys):
   tiny = [f"--config.{k}={v}" for k, v in TINY.items()]
   argv = [f"--config={CONFIG}:sam", f"--workdir={tmp_path}", *tiny]
   cli(argv + ["--config.rho=0.07", "--config.group_size=4"])
   config = json.loads((tmp_path / "summary.json").read_text())["config"]
   assert config["rho"] == 0.07 and config["group_size"] == 4
-  with pytest.raises(ValueError, match="config.group_size"):
+  with pytest.raises(SystemExit) as e:
     cli(argv + ["--config.group_size=3"])  # 3 does not divide 16.
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: config.group_size"), err
+
+
+ROOT = pathlib.Path(__file__).parents[1]
+TINY_ARGS = [f"--config.{k}={v}" for k, v in TINY.items()]
+
+
+@pytest.mark.parametrize(
+  "args, says",
+  [
+    (["--config.rho=-1"], "error: config.rho must be a finite number >= 0"),
+    (["--config.foo=1"], "error: --config.foo: the config has no field 'foo'"),
+    (
+      ["--config.data.nosie_rate=0.1"],
+      "error: --config.data.nosie_rate: the config has no field 'nosie_rate'"
+      "; nearest: data.noise_rate",
+    ),
+    (["--config.rho=abc"], "error: flag --config.rho=abc: could not convert"),
+    (["WORKDIR_IS_A_FILE"], "error: --workdir {workdir} is a file"),
+    (
+      ["--config.learning_rate=1e30", "--config.num_seeds=1", *TINY_ARGS],
+      "error: non-finite loss at step",
+    ),
+  ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path, args, says):
+  """What the user or the machine gets wrong: one line on stderr naming it,
+  exit status 2, no traceback."""
+  workdir = tmp_path / "run"
+  if args == ["WORKDIR_IS_A_FILE"]:
+    workdir.write_text("")
+    args = []
+  command = [sys.executable, "-m", "experiments.main", f"--config={CONFIG}:sam"]
+  done = subprocess.run(
+    [*command, f"--workdir={workdir}", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  err = [line for line in done.stderr.splitlines() if line.strip()]
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert len(err) == 1 and err[0].startswith(says.format(workdir=workdir)), err
+
+
+def test_machine_errors_are_named_bugs_are_not():
+  assert (
+    errors.user_error(PermissionError(13, "Permission denied", "/runs/x/.lock"))
+    == "Permission denied: /runs/x/.lock"
+  )
+  full = OSError(28, "No space left on device", "/runs/x/metrics.jsonl")
+  assert errors.user_error(full).startswith("No space left on device")
+  xla = ValueError("RESOURCE_EXHAUSTED: write failed\n  more")
+  assert errors.user_error(xla).startswith("the disk is full")
+  assert errors.user_error(KeyError("params")) is None  # A bug: traceback.
+  assert errors.user_error(ValueError("shapes do not match")) is None
 
 
 def test_main_job_writes_summary_table_and_plots(tmp_path):
@@ -157,3 +216,21 @@ def test_cli_refuses_a_busy_workdir_in_one_line(tmp_path, cli, capsys):
   assert exit_.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "is in use by process" in err[0], err
+
+
+def test_main_job_user_errors_are_one_line_and_exit_2(tmp_path):
+  command = [sys.executable, "-m", "experiments.label_noise"]
+  for args, says in (
+    (["--set", "rhoo=1"], "error: --set: unknown config field 'rhoo'"),
+    (["--labels", "nsam"], "error: --labels: unknown label 'nsam'"),
+  ):
+    done = subprocess.run(
+      [*command, f"--workdir={tmp_path}", *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(err) == 1 and err[0].startswith(says), err
