@@ -115,9 +115,15 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, args, says):
   if args == ["WORKDIR_IS_A_FILE"]:
     workdir.write_text("")
     args = []
-  command = [sys.executable, "-m", "experiments.main", f"--config={CONFIG}:sam"]
+  main = ["experiments.main", f"--config={CONFIG}:sam"]
+  _assert_one_line_error(main, workdir, args, says.format(workdir=workdir))
+
+
+def _assert_one_line_error(module_args, workdir, args, says):
+  """`python -m <module_args> --workdir=... <args>` exits 2 with one line
+  on stderr starting with `says`."""
   done = subprocess.run(
-    [*command, f"--workdir={workdir}", *args],
+    [sys.executable, "-m", *module_args, f"--workdir={workdir}", *args],
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -125,7 +131,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, args, says):
   )
   err = [line for line in done.stderr.splitlines() if line.strip()]
   assert done.returncode == 2, done.stderr[-2000:]
-  assert len(err) == 1 and err[0].startswith(says.format(workdir=workdir)), err
+  assert len(err) == 1 and err[0].startswith(says), err
 
 
 def test_machine_errors_are_named_bugs_are_not():
@@ -219,18 +225,8 @@ def test_cli_refuses_a_busy_workdir_in_one_line(tmp_path, cli, capsys):
 
 
 def test_main_job_user_errors_are_one_line_and_exit_2(tmp_path):
-  command = [sys.executable, "-m", "experiments.label_noise"]
   for args, says in (
     (["--set", "rhoo=1"], "error: --set: unknown config field 'rhoo'"),
     (["--labels", "nsam"], "error: --labels: unknown label 'nsam'"),
   ):
-    done = subprocess.run(
-      [*command, f"--workdir={tmp_path}", *args],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
-    err = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert len(err) == 1 and err[0].startswith(says), err
+    _assert_one_line_error(["experiments.label_noise"], tmp_path, args, says)
