@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 
 import jax
@@ -330,44 +329,6 @@ def test_non_finite_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   assert mngr.all_steps() == [1]
   recs = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(r)["epoch"] for r in recs] == [1, 1]
-
-
-def _cut_last_metrics_line(workdir):
-  path = workdir / "metrics.jsonl"
-  text = path.read_text()
-  path.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
-
-
-def _delete_item_folder(workdir):
-  shutil.rmtree(workdir / "checkpoints" / "3" / "default")
-
-
-@pytest.mark.parametrize(
-  "damage", [_cut_last_metrics_line, _delete_item_folder]
-)
-def test_damage_after_a_finished_run_redoes_the_last_epoch(tmp_path, damage):
-  """A finished run whose last metrics line is cut (the epoch's checkpoint
-  is there, its record is not) or whose newest checkpoint lost its item
-  folder: the rerun moves checkpoint 3 aside, resumes from epoch 2 and
-  ends exactly as the undamaged run, its metrics history whole."""
-  c = tiny_config(num_epochs=3)
-  train.train_and_evaluate(c, str(tmp_path / "a"))
-  train.train_and_evaluate(c, str(tmp_path / "b"))
-  damage(tmp_path / "b")
-  summary = train.train_and_evaluate(c, str(tmp_path / "b"))
-  assert summary["status"] == "ok"
-  assert (tmp_path / "b" / "damaged" / "checkpoints-3").is_dir()
-  read = lambda run: (tmp_path / run / "metrics.jsonl").read_text()
-  assert read("a") == read("b")
-
-  def final(run):
-    mngr = ocp.CheckpointManager(tmp_path / run / "checkpoints")
-    return mngr.restore(3, args=ocp.args.StandardRestore())
-
-  for a, b in zip(
-    jax.tree.leaves(final("a")), jax.tree.leaves(final("b")), strict=True
-  ):
-    np.testing.assert_array_equal(a, b)
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
