@@ -4,6 +4,7 @@ All run the real label-noise config shrunk on the command line (or with
 `--set`): 160 training examples, a 2-channel CNN, 2 epochs, 2 seeds.
 """
 
+import errno
 import json
 import math
 import pathlib
@@ -230,3 +231,42 @@ def test_main_job_user_errors_are_one_line_and_exit_2(tmp_path):
     (["--labels", "nsam"], "error: --labels: unknown label 'nsam'"),
   ):
     _assert_one_line_error(["experiments.label_noise"], tmp_path, args, says)
+
+
+def test_full_disk_and_unwritable_workdir_are_one_line(
+  tmp_path, cli, capsys, monkeypatch
+):
+  """The machine's errors through the real CLI path (injected: the tests
+  run as root, which chmod does not stop, and cannot fill a disk): one
+  line, exit 2; after space is freed the rerun ends bitwise as a run that
+  never failed."""
+  argv = [f"--config={CONFIG}:sgd", *TINY_ARGS]
+  cli(argv + [f"--workdir={tmp_path / 'ref'}"])
+  real_write = run_io.write_records
+
+  def full_disk_in_epoch_2(path, records, mode):
+    if mode == "a" and records[0].get("epoch") == 2:
+      raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    real_write(path, records, mode)
+
+  monkeypatch.setattr(run_io, "write_records", full_disk_in_epoch_2)
+  run = tmp_path / "run"
+  with pytest.raises(SystemExit) as e:
+    cli(argv + [f"--workdir={run}"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: No space left on device: {run / 'metrics.jsonl'}"]
+  monkeypatch.setattr(run_io, "write_records", real_write)  # Space freed.
+  cli(argv + [f"--workdir={run}"])
+  read = lambda w: (w / "metrics.jsonl").read_text()
+  assert read(run) == read(tmp_path / "ref")
+
+  def read_only(*args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied", args[0])
+
+  monkeypatch.setattr(run_io.os, "open", read_only)
+  with pytest.raises(SystemExit) as e:
+    cli(argv + [f"--workdir={tmp_path / 'locked'}"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: Permission denied: {tmp_path / 'locked' / '.lock'}"]
