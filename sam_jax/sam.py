@@ -613,14 +613,11 @@ def sam(
     del extra_args
     if params is None:
       raise ValueError("sam needs params (pass them to update)")
-    # A traced rho (a schedule, inject_hyperparams) that is bad becomes NaN
-    # in sam_gradient; here the same rule for the grad_fn path.
     rho_t = rho(state.count) if callable(rho) else rho
     if not isinstance(rho_t, jax.core.Tracer):  # eager: raise, as elsewhere
       check_rho(
         rho_t, name=f"rho({int(state.count)})" if callable(rho) else "rho"
       )
-    rho_t = _radius(rho_t, eta, adaptive)
     local_size = None if batch is None else jax.tree.leaves(batch)[0].shape[0]
     n_sam = group_size is None or group_size == local_size
     has_objective = objective is not None and batch is not None
@@ -660,8 +657,14 @@ def sam(
           f"sam(variant={variant!r}, group_size={group_size}) needs "
           "objective= and batch= extra args, not grad_fn="
         )
+      # A traced rho (a schedule, inject_hyperparams) that is bad becomes
+      # NaN, as sam_gradient does on the objective path.
       eps = ascent_direction(
-        pmean(updates), params, rho_t, adaptive=adaptive, eta=eta
+        pmean(updates),
+        params,
+        _radius(rho_t, eta, adaptive),
+        adaptive=adaptive,
+        eta=eta,
       )
       grads = pmean(grad_fn(_add(params, eps)))
     else:

@@ -495,7 +495,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
 
   ckpt = run_io.checkpoint_manager(workdir / "checkpoints", max_to_keep=2)
   metrics_path = workdir / "metrics.jsonl"
-  due = run_io.evaluation_epochs(config)
+  due = run_io.evaluation_epochs(config)  # The loop evaluates at these.
   covered = run_io.metrics_cover(metrics_path, due, "epoch", seeds)
   start, restored = run_io.restore_latest(ckpt, states, newest=covered)
   if start:
@@ -527,7 +527,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
         _raise_non_finite(out, config, epoch, seeds)
         stop = preemption.requested
         last = epoch == config.num_epochs
-        if epoch % config.eval_every_epochs == 0 or last:
+        if epoch in due:
           m = eval_fn(states.params, train_set, eval_set)
           m["train_loss"] = jnp.mean(out["loss"], axis=1)
           recs = metrics.to_records(

@@ -339,6 +339,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
   meta = {"best_accuracy": -1.0}
   like = {"state": state, "rng": key_data}  # Shapes only: no copy.
   metrics_path = workdir / "metrics.jsonl"
+  # The steps the loop evaluates at (ends of the evaluation epochs).
   due = [e * steps_per_epoch for e in run_io.evaluation_epochs(config)]
   covered = run_io.metrics_cover(metrics_path, due, "step", [config.seed])
   start, restored = run_io.restore_latest(
@@ -394,10 +395,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict:
         outs.append(out)
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
-        evaluate_now = end_of_epoch and (
-          (done // steps_per_epoch) % config.eval_every_epochs == 0
-          or done == num_steps
-        )
+        evaluate_now = end_of_epoch and done in due
         stop = preemption.requested or ckpt.reached_preemption(done)
         save_now = (
           done % config.checkpoint_every_steps == 0 or done == num_steps or stop
